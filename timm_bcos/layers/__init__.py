@@ -1,0 +1,6 @@
+from .bcos_function import from_reference_layout, to_reference_layout
+from .bcos_conv import BcosConv2d
+from .bcos_linear import BcosLinear
+from .encoding import AddInverse
+from .explain_mode import DetachableModule, explanation_mode, is_explanation_mode
+from .logit import LogitLayer

@@ -1,0 +1,34 @@
+"""The fixed output map of B-cos classifiers: logits = x / temperature + bias (paper Eq. 16)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+__all__ = ['LogitLayer']
+
+
+class LogitLayer(nn.Module):
+    """Divide by a fixed `temperature` and add a fixed `bias` (the ``b`` of Eq. 16).
+
+    Both are constants, not parameters: the bias sets the prior of the BCE loss (v1 uses
+    ``log(0.01 / 0.99)``, v2 ``-log(C - 1)``) and is the ``b`` of ``logit = W(x) x + b`` (Eq. 13).
+    None means no temperature (1) or no bias (0).
+    """
+
+    def __init__(self, bias: Optional[float] = None, temperature: Optional[float] = None) -> None:
+        super().__init__()
+        if temperature is not None and not temperature > 0:
+            raise ValueError(f'temperature must be positive, got {temperature!r}')
+        self.bias = None if bias is None else float(bias)
+        self.temperature = None if temperature is None else float(temperature)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.temperature is not None:
+            x = x / self.temperature
+        if self.bias is not None:
+            x = x + self.bias
+        return x
+
+    def extra_repr(self) -> str:
+        return f'bias={self.bias}, temperature={self.temperature}'
