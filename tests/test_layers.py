@@ -1,0 +1,415 @@
+"""B-cos layers: reference equality, exact gradients, dynamic linearity, bound, numerics, errors."""
+import itertools
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import timm_bcos
+from timm_bcos import AddInverse, BcosConv2d, BcosLinear, LogitLayer, explanation_mode
+from timm_bcos.layers import from_reference_layout, to_reference_layout
+
+from reference import naive_bcos_conv2d
+
+with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    import bcos.modules as ref_modules
+    from bcos.modules.bcosconv2d import BcosConv2dWithScale
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# --- reference equality with the bcos package (B-cos v2) ------------------------------------
+
+REF_GRID = list(itertools.product([1.0, 1.25, 2.0, 2.5], [1, 2], [1, 4, 'dw'], [1, 2], [0, 1]))
+
+
+@pytest.mark.parametrize('b,max_out,groups,stride,padding', REF_GRID)
+def test_conv_equals_reference(b, max_out, groups, stride, padding):
+    cin = 8
+    groups = cin if groups == 'dw' else groups
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        ref = ref_modules.BcosConv2d(cin, 8, 3, stride=stride, padding=padding, groups=groups, b=b, max_out=max_out)
+    ours = BcosConv2d(cin, 8, 3, stride=stride, padding=padding, groups=groups, b=b, max_out=max_out, scale=None)
+    with torch.no_grad():
+        ours.weight.copy_(from_reference_layout(ref.linear.weight, max_out, groups))
+    for dtype in (torch.float32, torch.float64):
+        ref.to(dtype), ours.to(dtype)
+        x = torch.randn(3, cin, 11, 11, dtype=dtype, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        y, y_ref = ours(x), ref(x_ref)
+        assert _rel(y, y_ref) < 1e-5
+        grad = torch.randn_like(y)
+        y.backward(grad)
+        y_ref.backward(grad)
+        # The reference adds 1e-6 to |cos| before the power; near cos = 0 that changes the
+        # derivative of |cos|^(B-1) for B < 2 slightly, so gradients agree to 1e-4.
+        assert _rel(x.grad, x_ref.grad) < 1e-4
+        assert _rel(ours.weight.grad, from_reference_layout(ref.linear.weight.grad, max_out, groups)) < 1e-4
+        ours.zero_grad()
+        ref.zero_grad()
+
+
+@pytest.mark.parametrize('groups', [1, 4])
+def test_conv_with_scale_equals_reference(groups):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        ref = BcosConv2dWithScale(16, 8, 3, padding=1, groups=groups, b=2, max_out=2)
+    # v1/v2 scale k * sqrt(C_in) / 100 is our default for groups=1; grouped convs pass it explicitly.
+    kwargs = {} if groups == 1 else {'scale': ref.scale}
+    ours = BcosConv2d(16, 8, 3, padding=1, groups=groups, **kwargs)
+    assert ours.scale == pytest.approx(ref.scale)
+    with torch.no_grad():
+        ours.weight.copy_(from_reference_layout(ref.linear.weight, 2, groups))
+    x = torch.randn(2, 16, 9, 9)
+    assert _rel(ours(x), ref(x)) < 1e-5
+
+
+@pytest.mark.parametrize('b,max_out', list(itertools.product([1.0, 1.25, 2.0, 2.5], [1, 2])))
+def test_linear_equals_reference(b, max_out):
+    ref = ref_modules.BcosLinear(10, 7, b=b, max_out=max_out)
+    ours = BcosLinear(10, 7, b=b, max_out=max_out, scale=None)
+    with torch.no_grad():
+        ours.weight.copy_(from_reference_layout(ref.linear.weight, max_out))
+    x = torch.randn(4, 5, 10, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), ref(x_ref)
+    assert y.shape == (4, 5, 7)
+    assert _rel(y, y_ref) < 1e-5
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert _rel(x.grad, x_ref.grad) < 1e-4
+
+
+def test_reference_layout_round_trip():
+    w = torch.randn(24, 3, 3, 3)
+    for m, g in [(1, 1), (2, 1), (2, 4), (3, 2)]:
+        assert torch.equal(to_reference_layout(from_reference_layout(w, m, g), m, g), w)
+    # unit m of output o sits at row m * O + o (one group)
+    w = torch.arange(6.0).view(6, 1)  # reference rows: o * 2 + m
+    assert from_reference_layout(w, 2).flatten().tolist() == [0, 2, 4, 1, 3, 5]
+
+
+# --- the fused backward against the definition ----------------------------------------------
+
+CONV_CASES = [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=3, stride=2, padding=1, groups=2),
+    dict(kernel_size=(3, 5), padding=(1, 2), dilation=(2, 1)),
+    dict(kernel_size=3, padding=2, padding_mode='reflect'),
+    dict(kernel_size=3, padding=1, padding_mode='circular', groups=4),
+    dict(kernel_size=3, padding=1, padding_mode='replicate', stride=2),
+    dict(kernel_size=4, padding='same'),
+    dict(kernel_size=1),
+    dict(kernel_size=1, stride=2),
+    dict(kernel_size=3, padding=3, dilation=3),
+    dict(kernel_size=3, groups=4, padding=1),  # depthwise: 4 in, 4 groups
+]
+
+
+@pytest.mark.parametrize('case', CONV_CASES, ids=[str(c) for c in CONV_CASES])
+@pytest.mark.parametrize('b,max_out', [(1.0, 2), (1.5, 1), (2.0, 2), (2.5, 3)])
+def test_conv_matches_definition_and_gradcheck(case, b, max_out):
+    layer = BcosConv2d(4, 8, b=b, max_out=max_out, **case).double()
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64, requires_grad=True)
+    for detach in (False, True):
+        layer.detach_dynamic = detach
+        y = layer(x)
+        y_ref = naive_bcos_conv2d(x, layer, detach=detach)
+        assert y.shape == y_ref.shape
+        assert _rel(y, y_ref) < 1e-12
+        grad = torch.randn_like(y)
+        gx, gw = torch.autograd.grad(y, (x, layer.weight), grad)
+        gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, layer.weight), grad)
+        assert _rel(gx, gx_ref) < 1e-10
+        assert _rel(gw, gw_ref) < 1e-10
+    layer.detach_dynamic = False
+    assert torch.autograd.gradcheck(layer, (x,))
+
+
+def test_linear_gradcheck():
+    for b, m in [(1.0, 1), (1.75, 2), (2.0, 2), (3.0, 3)]:
+        layer = BcosLinear(6, 5, b=b, max_out=m).double()
+        x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(layer, (x,))
+
+
+# --- dynamic linearity (Eq. 10-14) -----------------------------------------------------------
+
+def _stack(dtype, **conv_kwargs):
+    """conv -> conv -> pool -> linear -> logit layer, as in a small B-cos classifier."""
+    net = nn.Sequential(
+        BcosConv2d(6, 8, 3, padding=1, **conv_kwargs),
+        BcosConv2d(8, 16, 3, stride=2, padding=1, **conv_kwargs),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        BcosLinear(16, 10),
+        LogitLayer(bias=math.log(0.1 / 0.9), temperature=0.1),
+    )
+    return net.to(dtype)
+
+
+@pytest.mark.parametrize('conv_kwargs', [
+    {},
+    dict(dilation=2, padding_mode='reflect'),
+    dict(padding_mode='circular', b=2.5),
+    dict(b=1.25, max_out=1),
+], ids=['plain', 'dilation-reflect', 'circular-b2.5', 'b1.25-m1'])
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_dynamic_linearity(conv_kwargs, dtype, tol):
+    net = _stack(dtype, **conv_kwargs)
+    bias = math.log(0.1 / 0.9)
+    x = AddInverse()(torch.rand(4, 3, 12, 12, dtype=dtype))
+    x.requires_grad_(True)
+    with explanation_mode(net):
+        out = net(x)
+        rows = []
+        for c in range(out.shape[1]):
+            (w,) = torch.autograd.grad(out[:, c].sum(), x, retain_graph=True)
+            rows.append(w)
+    weights = torch.stack(rows, 1)  # (N, classes, 6, H, W): W(x)
+    linear = (weights * x.detach().unsqueeze(1)).flatten(2).sum(2) + bias
+    assert ((linear - out).abs().max() / (out - bias).abs().max()).item() < tol
+    # Out of explanation mode the forward is the same function: f(x) = W(x) x + b.
+    with torch.no_grad():
+        out_normal = net(x)
+    assert ((linear - out_normal).abs().max() / (out_normal - bias).abs().max()).item() < tol
+    # The public check agrees.
+    assert timm_bcos.check_dynamic_linearity(net, x) < tol
+
+
+def test_explanation_mode_nests_and_restores():
+    net = _stack(torch.float32)
+    layers = [m for m in net.modules() if isinstance(m, timm_bcos.DetachableModule)]
+    assert not timm_bcos.is_explanation_mode(net)
+    with explanation_mode(net):
+        assert all(m.detach_dynamic for m in layers)
+        with explanation_mode(net, active=False):
+            assert not any(m.detach_dynamic for m in layers)
+        assert all(m.detach_dynamic for m in layers)
+    assert not timm_bcos.is_explanation_mode(net)
+    with pytest.raises(RuntimeError):
+        with explanation_mode(net):
+            raise RuntimeError('boom')
+    assert not timm_bcos.is_explanation_mode(net)
+
+
+def test_explanation_mode_gives_the_linear_map_not_the_gradient():
+    layer = BcosConv2d(6, 4, 3, padding=1).double()
+    x = torch.rand(1, 6, 5, 5, dtype=torch.float64, requires_grad=True)
+    (g_normal,) = torch.autograd.grad(layer(x).sum(), x)
+    with explanation_mode(layer):
+        (g_explain,) = torch.autograd.grad(layer(x).sum(), x)
+    # For B=2, d(W(x)x)/dx = 2 W(x) - (norm term) != W(x): the modes must differ.
+    assert _rel(g_normal, g_explain) > 0.1
+    assert (g_explain * x).sum().item() == pytest.approx(layer(x).sum().item(), rel=1e-12)
+
+
+# --- the bound of Eq. 4 ----------------------------------------------------------------------
+
+@pytest.mark.parametrize('b', [1.0, 1.5, 2.0, 5.0])
+def test_bound_eq4(b):
+    unit = BcosLinear(16, 1, b=b, max_out=1, scale=None).double()
+    x = torch.randn(1000, 16, dtype=torch.float64) * torch.rand(1000, 1, dtype=torch.float64) * 10
+    out = unit(x).squeeze(1)
+    assert (out.abs() <= x.norm(dim=1) * (1 + 1e-12)).all()
+    # equality when x is aligned with w (up to the 1e-6 stabiliser inside the norm)
+    w = unit.weight.detach()[0]
+    aligned = torch.stack([w / w.norm() * s for s in (1.0, 3.0, 20.0)])
+    assert torch.allclose(unit(aligned).squeeze(1), aligned.norm(dim=1), rtol=1e-5)
+    # anti-aligned: -||x||
+    assert torch.allclose(unit(-aligned).squeeze(1), -aligned.norm(dim=1), rtol=1e-5)
+
+
+def test_bound_eq4_conv_patch():
+    layer = BcosConv2d(3, 1, 3, b=2.0, max_out=1, scale=None).double()
+    x = torch.randn(200, 3, 3, 3, dtype=torch.float64)
+    out = layer(x).flatten()
+    assert (out.abs() <= x.flatten(1).norm(dim=1) * (1 + 1e-12)).all()
+    aligned = layer.weight.detach() / layer.weight.detach().norm() * 4.0
+    assert layer(aligned).item() == pytest.approx(aligned.norm().item(), rel=1e-6)
+
+
+# --- alignment pressure (Fig. 2) -------------------------------------------------------------
+
+def _fig2_angle(b: float, other_angle: float) -> float:
+    """Train one B-cos unit with BCE on a fixed red cluster at 45 degrees vs another class."""
+    def cluster(angle, n=16, spread=10.0):
+        a = torch.deg2rad(torch.linspace(-spread, spread, n, dtype=torch.float64) + angle)
+        r = torch.linspace(2.0, 1.0, n, dtype=torch.float64)
+        return torch.stack([r * torch.cos(a), r * torch.sin(a)], 1)
+
+    x = torch.cat([cluster(45.0), cluster(other_angle)])
+    y = torch.cat([torch.ones(16), torch.zeros(16)]).double()
+    unit = BcosLinear(2, 1, b=b, max_out=1, scale=None).double()
+    with torch.no_grad():
+        unit.weight.copy_(torch.tensor([[1.0, 0.0]]))
+    opt = torch.optim.Adam(unit.parameters(), lr=0.05)
+    for _ in range(200):  # logit = 4 * B-cos(x; w) - 3: a fixed temperature and bias
+        loss = F.binary_cross_entropy_with_logits(4 * unit(x).squeeze(1) - 3, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    w = unit.weight.detach()[0]
+    return math.degrees(math.atan2(w[1].item(), w[0].item()))
+
+
+def test_alignment_pressure_fig2():
+    # Same red cluster, the other class at -20 or at 110 degrees.
+    linear = _fig2_angle(1.0, -20.0), _fig2_angle(1.0, 110.0)
+    bcos5 = _fig2_angle(5.0, -20.0), _fig2_angle(5.0, 110.0)
+    # B=1: the weight is a discriminative direction that depends on the other class.
+    assert abs(linear[0] - linear[1]) > 30
+    # B=5: both weights align with the red cluster, whatever the other class.
+    assert abs(bcos5[0] - bcos5[1]) < 10
+    assert all(abs(a - 45.0) < 10 for a in bcos5)
+
+
+# --- trainability: the output scale of norm-free networks ------------------------------------
+
+def _train_digits(scale, steps=150):
+    x_train, y_train, x_test, y_test = timm_bcos.data.load_digits(size=16)
+    encode = AddInverse()
+    x_train, x_test = encode(x_train), encode(x_test)
+    model = timm_bcos.models.BcosSimpleNet(widths=(16, 16, 32, 32, 32, 64, 64, 64), scale=scale)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(x_train), (64,), generator=gen)
+        loss = F.binary_cross_entropy_with_logits(model(x_train[idx]), F.one_hot(y_train[idx], 10).float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        acc = (model.eval()(x_test).argmax(1) == y_test).float().mean().item()
+    return losses, acc
+
+
+def test_default_scale_trains_norm_free_net():
+    losses, acc = _train_digits('auto')
+    assert sum(losses[-20:]) / 20 < 0.3 * losses[0]
+    assert acc > 0.8
+
+
+def test_norm_free_net_without_scale_does_not_train():
+    # Why the default matters: without v1's output scale, activations vanish layer by layer and
+    # the BCE stays at its floor for the logit bias (the paper-design net cannot learn).
+    losses, acc = _train_digits(None, steps=60)
+    assert min(losses) > 0.95 * losses[0]
+    assert acc < 0.3
+
+
+# --- numerics: autocast, zero input ----------------------------------------------------------
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('b', [1.0, 1.5, 2.0, 2.5])
+def test_autocast_single_layer_finite(dtype, b):
+    """Every B-cos layer input with patch norms from 0 to 1e3: finite outputs and gradients."""
+    layers = [BcosConv2d(6, 8, 3, padding=1, b=b), BcosConv2d(8, 8, 3, padding=1, groups=8, b=b, scale=None),
+              BcosLinear(54, 8, b=b)]
+    for layer in layers:
+        shape = (4, layer.in_channels, 8, 8) if isinstance(layer, BcosConv2d) else (4, 54)
+        patch = 9 * layer.in_channels // layer.groups if isinstance(layer, BcosConv2d) else 54
+        for norm in (0.0, 1e-3, 1.0, 1e3):
+            x = (torch.rand(shape) * (norm / math.sqrt(patch))).requires_grad_(True)
+            with torch.autocast('cpu', dtype=dtype):
+                out = layer(x)
+            assert out.dtype == dtype and torch.isfinite(out).all(), (layer, norm)
+            out.float().sum().backward()
+            assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all(), (layer, norm)
+            layer.zero_grad()
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_autocast_network_finite(dtype):
+    net = _stack(torch.float32)
+    for norm in (1e-3, 1.0, 1e3):  # per-sample input norms
+        x = torch.rand(2, 6, 12, 12)
+        x = (x / x.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * norm).requires_grad_(True)
+        with torch.autocast('cpu', dtype=dtype):
+            out = net(x)
+        assert torch.isfinite(out).all()
+        out.sum().backward()
+        assert torch.isfinite(x.grad).all()
+        assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+        net.zero_grad()
+
+
+@pytest.mark.parametrize('b', [1.0, 1.25, 2.0, 2.5])
+def test_zero_input(b):
+    for layer, x in [(BcosConv2d(6, 4, 3, padding=1, b=b), torch.zeros(2, 6, 5, 5)),
+                     (BcosLinear(6, 4, b=b), torch.zeros(3, 6))]:
+        x.requires_grad_(True)
+        out = layer(x)
+        assert torch.equal(out, torch.zeros_like(out))
+        out.sum().backward()
+        assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
+
+
+# --- errors and argument checks ---------------------------------------------------------------
+
+def test_three_channel_input_error_names_the_encoding():
+    layer = BcosConv2d(6, 4, 3)
+    with pytest.raises(ValueError, match=r'6 input channels, got 3.*AddInverse'):
+        layer(torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match='4-D input'):
+        layer(torch.rand(6, 8, 8))
+    with pytest.raises(TypeError, match='floating point'):
+        layer(torch.zeros(1, 6, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match='expects 10 input channels'):
+        BcosLinear(10, 2)(torch.rand(2, 9))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match='B must be'):
+        BcosConv2d(6, 4, 3, b=0.5)
+    with pytest.raises(ValueError, match='max_out'):
+        BcosLinear(6, 4, max_out=0)
+    with pytest.raises(ValueError, match='divisible by groups'):
+        BcosConv2d(6, 4, 3, groups=4)
+    with pytest.raises(ValueError, match='padding_mode'):
+        BcosConv2d(6, 4, 3, padding_mode='mirror')
+    with pytest.raises(ValueError, match='scale'):
+        BcosConv2d(6, 4, 3, scale=-1.0)
+    with pytest.raises(ValueError, match='strided'):
+        BcosConv2d(6, 4, 3, stride=2, padding='same')
+
+
+def test_add_inverse():
+    x = torch.rand(2, 3, 4, 4)
+    enc = AddInverse()(x)
+    assert enc.shape == (2, 6, 4, 4)
+    assert torch.equal(enc[:, 3:], 1 - x)
+    with pytest.raises(ValueError, match=r'\[0, 1\].*values in \[-2'):
+        AddInverse()(torch.full((1, 3, 2, 2), -2.1))
+    with pytest.raises(ValueError, match='NaN or inf'):
+        AddInverse()(torch.tensor([[[[0.5, float('nan')]]]]))
+    with pytest.raises(ValueError, match='NaN or inf'):
+        AddInverse()(torch.tensor([[[[0.5, float('inf')]]]]))
+    AddInverse()(torch.tensor([[[[1.0005, -0.0005]]]]))  # within tolerance
+
+
+def test_logit_layer():
+    layer = LogitLayer(bias=-2.0, temperature=0.5)
+    assert torch.equal(layer(torch.tensor([1.0, 2.0])), torch.tensor([0.0, 2.0]))
+    assert torch.equal(LogitLayer()(torch.tensor([3.0])), torch.tensor([3.0]))
+    with pytest.raises(ValueError):
+        LogitLayer(temperature=0.0)
+
+
+def test_state_dict_and_repr():
+    layer = BcosConv2d(6, 4, 3, padding=1, groups=2)
+    assert list(layer.state_dict()) == ['weight']
+    assert layer.weight.shape == (8, 3, 3, 3)
+    assert layer.bias is None
+    assert 'max_out=2' in repr(layer) and 'b=2' in repr(layer)
+    assert BcosLinear(6, 4, max_out=1).weight.shape == (4, 6)
