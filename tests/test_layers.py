@@ -185,6 +185,15 @@ def test_dynamic_linearity(conv_kwargs, dtype, tol):
     assert timm_bcos.check_dynamic_linearity(net, x) < tol
 
 
+def test_linearity_check_refuses_unresolvable_outputs():
+    # An untrained full-width paper net: outputs equal the bias to float32 precision.
+    model = timm_bcos.BcosSimpleNet()
+    x = AddInverse()(torch.rand(2, 3, 32, 32))
+    with pytest.warns(UserWarning, match='float64'):
+        assert math.isnan(timm_bcos.check_dynamic_linearity(model, x))
+    assert timm_bcos.check_dynamic_linearity(model.double(), x.double()) < 1e-6
+
+
 def test_explanation_mode_nests_and_restores():
     net = _stack(torch.float32)
     layers = [m for m in net.modules() if isinstance(m, timm_bcos.DetachableModule)]

@@ -1,6 +1,7 @@
 """Check the core invariant of B-cos networks: ``f(x) = W(x) x + b`` exactly (paper Eq. 13)."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -22,7 +23,8 @@ def check_dynamic_linearity(
     ``W(x)`` is the input gradient of each explained output in explanation mode (§3.2.1) and
     ``b = f(0)``, the output at a zero input (the logit bias: every B-cos layer maps 0 to 0). The
     error is normalised by the largest ``|f(x) - b|``, not by ``|f(x)|``: untrained B-cos
-    outputs are tiny next to a logit bias such as ``-log(999)``.
+    outputs are tiny next to a logit bias such as ``-log(999)``; when ``f(x) - b`` is too small to
+    resolve in the outputs' dtype the check warns and returns NaN (never a vacuous 0).
 
     Args:
         model: a dynamic-linear model taking the encoded input (it is run in eval mode).
@@ -50,6 +52,14 @@ def check_dynamic_linearity(
             linear = (grad * x).flatten(1).sum(1)
             errors.append((linear + bias[0, col] - out[rows, col]).abs().max())
             scales.append((out[rows, col] - bias[0, col]).abs().max())
-        return (torch.stack(errors).max() / torch.stack(scales).max().clamp_min(1e-30)).item()
+        scale = torch.stack(scales).max()
+        resolution = torch.finfo(out.dtype).eps * out.detach().abs().max()
+        if not scale > 1e3 * resolution:
+            warnings.warn(
+                f'check_dynamic_linearity: the outputs differ from the bias b = f(0) by at most '
+                f'{scale.item():.3g}, too little to resolve in {out.dtype}; returning NaN. Run the '
+                f'check in float64 (model.double(), x.double()).', stacklevel=2)
+            return float('nan')
+        return (torch.stack(errors).max() / scale).item()
     finally:
         model.train(was_training)

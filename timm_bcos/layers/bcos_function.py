@@ -181,13 +181,11 @@ def _maxout(lin: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
     return lin.max(dim=2)
 
 
-def _maxout_backward(grad_sel: Tensor, winners: Optional[Tensor], lin_shape: torch.Size, dtype: torch.dtype) -> Tensor:
-    """Route the gradient of the selected units to the MaxOut winners: (N, G, M, Og, H, W)."""
-    m = lin_shape[2]
-    if m == 1:
+def _maxout_backward(grad_sel: Tensor, winners: Optional[Tensor], grad_lin: Optional[Tensor], dtype: torch.dtype):
+    """Route the gradient of the selected units to the MaxOut winners, into `grad_lin` (N, G, M, Og, H, W)."""
+    if grad_lin is None:  # max_out == 1
         return grad_sel.unsqueeze(2).to(dtype)
-    grad_lin = grad_sel.new_empty(lin_shape, dtype=dtype)
-    if m == 2:
+    if grad_lin.shape[2] == 2:
         # Float mask products into the strided halves. On CPU this is ~10x faster than torch.where
         # or a bool mask, and the mask converts fastest from its uint8 view.
         first, second = grad_lin[:, :, 0], grad_lin[:, :, 1]
@@ -239,13 +237,16 @@ class _BcosFunction(torch.autograd.Function):
         factor = 1.0 if ctx.detach else b
         grad_sel = _dynamic_scale(sel, norm, b, ctx.scale, factor)
         grad_sel = geometry.grad_view(grad_y) * grad_sel if b == 1 else grad_sel.mul_(geometry.grad_view(grad_y))
+        grad_lin = None if ctx.lin_shape[2] == 1 else sel.new_empty(ctx.lin_shape)
         grad_q = None
         if b != 1 and not ctx.detach and need_x:
             # dy/d||x|| = -(B-1) y / ||x|| and d||x||/dq = 1 / (2 ||x||) for q = ||x||^2, with
-            # sum_o g * y = sum_o grad_sel * sel / B.
-            grad_q = (grad_sel * sel).sum(2, keepdim=True).mul_((1 - b) / (2 * b)) / norm.square()
-        grad_lin = _maxout_backward(grad_sel, winners, ctx.lin_shape, sel.dtype)
-        grad_lin = geometry.flat(grad_lin)
+            # sum_o g * y = sum_o grad_sel * sel / B. The product goes into a half of the MaxOut
+            # gradient buffer when it can: one large allocation less.
+            scratch = grad_lin is not None and grad_sel.dtype == sel.dtype
+            prod = torch.mul(grad_sel, sel, out=grad_lin[:, :, 0]) if scratch else grad_sel * sel
+            grad_q = prod.sum(2, keepdim=True).mul_((1 - b) / (2 * b)) / norm.square()
+        grad_lin = geometry.flat(_maxout_backward(grad_sel, winners, grad_lin, sel.dtype))
         if x.dtype == torch.float16 and need_w:
             # Weight gradients sum over the whole batch and overflow float16 (not bfloat16): float32.
             grad_x, _ = geometry.linear_backward(grad_lin, x, w_compute, need_x, False)
