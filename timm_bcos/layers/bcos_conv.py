@@ -13,7 +13,7 @@ from .bcos_function import ConvGeometry, bcos_apply
 from .explain_mode import DetachableModule
 from .helpers import check_b_max_out, check_input, resolve_scale
 
-__all__ = ['BcosConv2d']
+__all__ = ['BcosConv2d', 'BcosConv2dSame']
 
 _PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
 _IntOrPair = Union[int, Tuple[int, int]]
@@ -124,3 +124,22 @@ class BcosConv2d(DetachableModule):
         if self.padding_mode != 'zeros':
             s += f', padding_mode={self.padding_mode}'
         return s + f', b={self.b:g}, max_out={self.max_out}, scale={self.scale:.4g}'
+
+
+class BcosConv2dSame(BcosConv2d):
+    """`BcosConv2d` with TensorFlow-style dynamic 'SAME' padding (timm's `Conv2dSame`).
+
+    The zero padding depends on the input size and is applied before the patch norms, so they see
+    the padded input exactly as the convolution does.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrPair, stride: _IntOrPair = 1,
+                 dilation: _IntOrPair = 1, groups: int = 1, **kwargs) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0, dilation=dilation,
+                         groups=groups, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from timm.layers.padding import pad_same
+
+        check_input(x, self, 1, self.in_channels, rank=4)
+        return super().forward(pad_same(x, self.kernel_size, self.stride, self.dilation))

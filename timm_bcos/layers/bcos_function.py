@@ -84,8 +84,9 @@ class ConvGeometry:
         """(N, G*Og, H, W) -> (N, G, Og, H, W)."""
         return grad.unflatten(1, (self.groups, -1))
 
-    def output(self, y: Tensor) -> Tensor:
-        return y.flatten(1, 2)
+    def output_shape(self, lin_shape: torch.Size) -> Tuple[int, ...]:
+        n, g, _, o, h, w = lin_shape
+        return n, g * o, h, w
 
     def _window_sum(self, q: Tensor) -> Tensor:
         """Sum of `q` (N, G, H, W) over every conv window: avg-pool (fast) or a ones-kernel conv."""
@@ -146,8 +147,8 @@ class LinearGeometry:
         """(L, O) -> (L, 1, O, 1, 1)."""
         return grad.reshape(grad.shape[0], 1, -1, 1, 1)
 
-    def output(self, y: Tensor) -> Tensor:
-        return y.view(y.shape[0], -1)
+    def output_shape(self, lin_shape: torch.Size) -> Tuple[int, ...]:
+        return lin_shape[0], lin_shape[3]
 
     def patch_sq_norm(self, x: Tensor) -> Tensor:
         acc = _accumulate_dtype(x.dtype)
@@ -157,17 +158,18 @@ class LinearGeometry:
         grad_x.addcmul_(x, grad_q.view(-1, 1).to(x.dtype), value=2)
 
 
-def _dynamic_scale(sel: Tensor, norm: Optional[Tensor], b: float, scale: float, factor: float = 1.0):
-    """``factor * |c|^(B-1) / scale`` for the selected units (Eq. 9, 11), in a new tensor.
+def _dynamic_scale(sel: Tensor, norm: Optional[Tensor], b: float, scale: float, factor: float = 1.0,
+                   out: Optional[Tensor] = None):
+    """``factor * |c|^(B-1) / scale`` for the selected units (Eq. 9, 11), in `out` or a new tensor.
 
     Constant factors are folded into the small per-patch tensor, so this costs two passes over
-    `sel`. Half-precision `sel` gives a float32 result (`norm` is float32).
+    `sel`. Half-precision `sel` gives a float32 result unless `out` says otherwise.
     """
     if b == 1:
         return factor / scale
     if b == 2:
-        return sel.abs().mul_(factor / (norm * scale))
-    return sel.abs().mul_((factor / scale) ** (1.0 / (b - 1)) / norm).pow_(b - 1)
+        return torch.abs(sel, out=out).mul_(factor / (norm * scale))
+    return torch.abs(sel, out=out).mul_((factor / scale) ** (1.0 / (b - 1)) / norm).pow_(b - 1)
 
 
 def _maxout(lin: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
@@ -221,11 +223,17 @@ class _BcosFunction(torch.autograd.Function):
         lin = geometry.unit_view(geometry.linear(x, w_compute), max_out)
         sel, winners = _maxout(lin)
         norm = None if b == 1 else geometry.patch_sq_norm(x).add_(NORM_EPS).sqrt_()
-        y = _dynamic_scale(sel, norm, b, scale)
-        y = sel * y if b == 1 else y.mul_(sel)
+        # The output is allocated in its final layout and filled through a view: returning a view
+        # would forbid in-place ops on it (timm's residual `x += shortcut`).
+        out = sel.new_empty(geometry.output_shape(lin.shape))
+        y = geometry.grad_view(out)
+        if b == 1:
+            torch.mul(sel, 1.0 / scale, out=y)
+        else:
+            _dynamic_scale(sel, norm, b, scale, out=y).mul_(sel)
         ctx.geometry, ctx.b, ctx.scale, ctx.detach, ctx.lin_shape = geometry, b, scale, detach, lin.shape
         ctx.save_for_backward(x, w_compute, w_hat, inv_norm, sel, winners, norm)
-        return geometry.output(y.to(dtype))
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable

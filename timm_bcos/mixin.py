@@ -1,0 +1,69 @@
+"""Methods every converted B-cos model gains (explanation mode, the Eq. 13 check, explain)."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .layers import explanation_mode
+from .linearity import check_dynamic_linearity
+
+__all__ = ['BcosModelMixin', 'attach_bcos_mixin']
+
+_CLASSES: Dict[type, type] = {}
+
+
+class BcosModelMixin:
+    """Mixed into the class of a converted model; `bcos_cfg` holds the conversion settings."""
+
+    bcos_cfg: Dict[str, Any]
+
+    def explanation_mode(self, active: bool = True):
+        """Context manager: detach every dynamic factor, so gradients are rows of W(x) (§3.2.1)."""
+        return explanation_mode(self, active)
+
+    def check_dynamic_linearity(self, x: Tensor, targets: Optional[Union[Sequence[int], Tensor]] = None) -> float:
+        """Max relative error of ``sum(W(x) * x) + b`` vs the outputs (Eq. 13); see `check_dynamic_linearity`."""
+        return check_dynamic_linearity(self, x, targets)
+
+    def reset_classifier(self, num_classes: int, *args, **kwargs) -> None:
+        """timm's reset_classifier, then the new classifier is converted to B-cos again."""
+        from .converter import _classifier_path, _Context, _convert_head, _convert_tree
+
+        if not hasattr(super(), 'reset_classifier'):
+            raise AttributeError(f'{type(self).__name__} has no reset_classifier (not a timm model)')
+        super().reset_classifier(num_classes, *args, **kwargs)
+        cfg = self.bcos_cfg
+        ctx = _Context(b=cfg['b'], max_out=cfg['max_out'], norm=cfg['norm'], strict=True,
+                       scale='auto' if cfg['norm'] == 'none' else None)
+        path = _classifier_path(self)
+        if path is not None:
+            parent, _, name = path.rpartition('.')
+            owner = self.get_submodule(parent) if parent else self
+            setattr(owner, name, _convert_tree(getattr(owner, name), path, ctx))
+        cfg['logit_bias'] = _convert_head(self, path, ctx, cfg['head'], None, cfg['logit_temperature'])
+
+
+def attach_bcos_mixin(model: nn.Module, bcos_cfg: Dict[str, Any]) -> nn.Module:
+    """Give `model` the `BcosModelMixin` methods (its class becomes a cached ``Bcos<Class>``)."""
+    cls = type(model)
+    if not isinstance(model, BcosModelMixin):
+        if cls not in _CLASSES:
+            _CLASSES[cls] = type(f'Bcos{cls.__name__}', (BcosModelMixin, cls), {'__module__': cls.__module__})
+        model.__class__ = _CLASSES[cls]
+    model.bcos_cfg = dict(bcos_cfg)
+    cfg = getattr(model, 'pretrained_cfg', None)
+    if isinstance(cfg, dict):
+        cfg = copy.deepcopy(cfg)
+        if 'input_size' in cfg:
+            cfg['input_size'] = (bcos_cfg['in_chans'],) + tuple(cfg['input_size'][1:])
+        for key in ('test_input_size', 'min_input_size'):
+            if cfg.get(key):
+                cfg[key] = (bcos_cfg['in_chans'],) + tuple(cfg[key][1:])
+        cfg['mean'], cfg['std'] = (0.0,) * bcos_cfg['in_chans'], (1.0,) * bcos_cfg['in_chans']
+        model.pretrained_cfg = cfg
+        if hasattr(model, 'default_cfg'):
+            model.default_cfg = cfg
+    return model
