@@ -1,10 +1,16 @@
 """timm-bcos: B-cos networks (Böhle, Fritz, Schiele, CVPR 2022) for timm."""
 from . import data, models
+from .converter import UnsupportedModuleError, convert_to_bcos, unconverted_modules
+from .explain import Explanation, explain
 from .layers import (
     AddInverse,
+    BatchNormUncentered2d,
     BcosConv2d,
     BcosLinear,
     DetachableModule,
+    DynamicGate,
+    GroupNormUncentered,
+    LayerNorm2dUncentered,
     LogitLayer,
     explanation_mode,
     from_reference_layout,

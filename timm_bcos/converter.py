@@ -33,7 +33,8 @@ from .layers.bcos_conv import BcosConv2dSame
 from .layers.gate import DynamicGate
 from .mixin import attach_bcos_mixin
 
-__all__ = ['convert_to_bcos', 'UnsupportedModuleError', 'BcosClassifier', 'MODULE_RULES']
+__all__ = ['convert_to_bcos', 'unconverted_modules', 'UnsupportedModuleError', 'BcosClassifier', 'BcosConvClassifier',
+           'MODULE_RULES', 'TRUSTED_FORWARDS']
 
 
 class UnsupportedModuleError(TypeError):
@@ -106,6 +107,7 @@ class _Context:
     strict: bool
     scale: Optional[str]
     gates: Set[str] = field(default_factory=set)
+    exempt: Set[str] = field(default_factory=set)
 
     def unsupported(self, path: str, what: str, reason: str) -> None:
         err = UnsupportedModuleError(path, what, reason)
@@ -225,6 +227,14 @@ _SUPPORTED_SUMMARY = '; '.join(r.name for r in MODULE_RULES) + (
     'parameters or constants (layer scale), gated products x * act(...) (squeeze-excite)')
 
 
+# Modules whose forward torch.fx cannot trace (control flow on shapes, list inputs). Each forward was
+# read: besides calls to its children, which the rules convert, it uses only linear operations.
+TRUSTED_FORWARDS: Dict[str, str] = {
+    'timm.models.vgg.ConvMlp': 'adaptive average pooling to at least 7x7 before its convolutions',
+    'timm.models.hrnet.HighResolutionModule': 'branches and sums of fuse layers (convs, nearest upsampling)',
+}
+
+
 def _find_rule(m: nn.Module) -> Optional[ModuleRule]:
     return next((r for r in MODULE_RULES if r.match(m)), None)
 
@@ -248,6 +258,11 @@ _ACTIVATION_METHODS = {'relu', 'relu_', 'sigmoid', 'sigmoid_', 'tanh', 'tanh_', 
 _TIMM_ACTIVATION_FUNCTIONS = (
     'swish', 'mish', 'sigmoid', 'tanh', 'hard_swish', 'hard_sigmoid', 'hard_mish', 'gelu', 'gelu_tanh',
     'quick_gelu', 'swish_me', 'mish_me', 'hard_sigmoid_me', 'hard_swish_me', 'hard_mish_me')
+# Squashing activations that make a product a gate (a ReLU or SiLU on one side does not).
+_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softmax, torch.softmax, torch.tanh, F.tanh}
+_GATE_METHODS = {'sigmoid', 'sigmoid_', 'softmax', 'tanh', 'tanh_'}
+_TIMM_GATES = ('sigmoid', 'hard_sigmoid', 'hard_sigmoid_me', 'tanh')
+_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, nn.Tanh)
 _MAX_POOLS = {F.max_pool1d: F.avg_pool1d, F.max_pool2d: F.avg_pool2d, torch.max_pool2d: F.avg_pool2d,
               F.adaptive_max_pool2d: F.adaptive_avg_pool2d, F.adaptive_max_pool1d: F.adaptive_avg_pool1d}
 _LINEAR_FUNCTIONS = {
@@ -304,7 +319,13 @@ class _Plan:
 
 
 class _GraphAnalysis:
-    """Classify every node of a traced forward; collect gates and the rewrites it needs."""
+    """Classify every node of a traced forward; collect gates and the rewrites it needs.
+
+    Gates are found first: in a product of two input-dependent tensors, the side that comes
+    (through reshapes) from a squashing activation -- sigmoid, hard-sigmoid, softmax, tanh, or a
+    module whose output does -- is the gate. Nodes that only feed gates are exempt from the
+    linearity checks: their value is detached in explanation mode.
+    """
 
     def __init__(self, module: nn.Module, graph: fx.Graph, static_inputs: Set[str], path: str,
                  ctx: _Context) -> None:
@@ -313,13 +334,32 @@ class _GraphAnalysis:
         self.dynamic: Dict[fx.Node, bool] = {}
         self.plan = _Plan()
         self.gate_modules: Set[str] = set()
+        self.gate_internal_modules: Set[str] = set()
 
     def run(self) -> None:
         for node in self.graph.nodes:
             self.dynamic[node] = self._is_dynamic(node)
+        gates: Set[fx.Node] = set()
+        gated: Set[fx.Node] = set()  # the products x * g
         for node in self.graph.nodes:
-            if node.op in ('call_function', 'call_method') and self.dynamic[node]:
-                self._check(node)
+            if self._is_product(node) and len(self._dynamic_args(node)) == 2 and not self._divides(node):
+                gate = self._find_gate(node)
+                if gate is not None:
+                    gates.add(gate)
+                    gated.add(node)
+        internal = self._gate_internal(gates)
+        for node in self.graph.nodes:
+            if node in gated:
+                continue
+            if node in gates:
+                if node.op == 'call_module':
+                    self.gate_modules.add(node.target)
+                else:
+                    self.plan.gate_functions.append(node)
+            elif node.op == 'call_module' and node in internal:
+                self.gate_internal_modules.add(node.target)
+            elif node.op in ('call_function', 'call_method') and self.dynamic[node]:
+                self._check(node, lenient=node in internal)
 
     def _is_dynamic(self, node: fx.Node) -> bool:
         if node.op == 'placeholder':  # the inputs, except specialised flags (fx names them pre_logits_1)
@@ -335,15 +375,54 @@ class _GraphAnalysis:
     def _dynamic_args(self, node: fx.Node) -> List[fx.Node]:
         return [a for a in _flat_nodes((node.args, node.kwargs)) if self.dynamic.get(a, False)]
 
-    def _check(self, node: fx.Node) -> None:
+    @staticmethod
+    def _is_product(node: fx.Node) -> bool:
+        return (node.op == 'call_method' and node.target in _PRODUCT_METHODS) or (
+            node.op == 'call_function' and node.target in _PRODUCTS)
+
+    @staticmethod
+    def _divides(node: fx.Node) -> bool:
+        return node.target in (operator.truediv, operator.itruediv, torch.div, 'div', 'div_')
+
+    def _find_gate(self, node: fx.Node) -> Optional[fx.Node]:
+        sources = [self._gate_source(a) for a in self._dynamic_args(node)]
+        found = [g for g in sources if g is not None]
+        return found[0] if len(found) == 1 else None
+
+    def _gate_source(self, node: fx.Node) -> Optional[fx.Node]:
+        """The squashing activation a product operand comes from, through reshapes; None if none."""
+        while node.op == 'call_method' and node.target in _SHAPE_ONLY:
+            node = node.args[0]
+        if node.op == 'call_module':
+            return node if _is_gate_module(self.module.get_submodule(node.target)) else None
+        if node.op == 'call_method':
+            return node if node.target in _GATE_METHODS else None
+        if node.op == 'call_function':
+            return node if node.target in _GATE_FUNCTIONS or node.target in _timm_functions(*_TIMM_GATES) else None
+        return None
+
+    def _gate_internal(self, gates: Set[fx.Node]) -> Set[fx.Node]:
+        """Nodes whose every use leads only into gates (computed in reverse order)."""
+        internal: Set[fx.Node] = set()
+        for node in reversed(list(self.graph.nodes)):
+            if node in gates or node.op in ('placeholder', 'output'):
+                continue
+            users = list(node.users)
+            if users and all(u in gates or u in internal for u in users):
+                internal.add(node)
+        return internal
+
+    def _check(self, node: fx.Node, lenient: bool) -> None:
+        """Rewrite activations and max-pools; check the rest is linear (not on a gate's path)."""
         target, method = node.target, node.op == 'call_method'
         if (method and target in _ACTIVATION_METHODS) or (not method and (
                 target in _ACTIVATION_FUNCTIONS or target in _timm_functions(*_TIMM_ACTIVATION_FUNCTIONS))):
-            if node not in self.plan.gate_functions:
-                self.plan.drop.append(node)
+            self.plan.drop.append(node)
         elif not method and target in _MAX_POOLS:
             self.plan.pools.append(node)
-        elif (method and target in _PRODUCT_METHODS) or (not method and target in _PRODUCTS):
+        elif lenient:
+            return  # only feeds a gate, whose value is detached in explanation mode
+        elif self._is_product(node):
             self._check_product(node)
         elif (method and target in _LINEAR_METHODS) or (not method and target in _LINEAR_FUNCTIONS):
             self._check_linear(node)
@@ -361,38 +440,35 @@ class _GraphAnalysis:
             self.ctx.unsupported(self.path, _node_label(node), 'this interpolation mode is not linear')
 
     def _check_product(self, node: fx.Node) -> None:
+        """Products not resolved as gates: fine with a constant or parameter (layer scale) only."""
         dynamic = self._dynamic_args(node)
-        divides = node.target in (operator.truediv, operator.itruediv, torch.div, 'div', 'div_')
-        if len(dynamic) < 2 and not (divides and self.dynamic.get(node.args[1], False)):
-            return  # a product with a constant or parameter (layer scale) is linear
-        if divides:
+        if self._divides(node) and self.dynamic.get(node.args[1], False):
             self.ctx.unsupported(self.path, _node_label(node), 'division by an input-dependent tensor')
-            return
-        gates = [g for g in (self._gate_source(a) for a in dynamic) if g is not None]
-        if len(dynamic) != 2 or len(gates) != 1:
+        elif len(dynamic) >= 2:
             self.ctx.unsupported(self.path, _node_label(node), 'a product of two input-dependent tensors that is not '
-                                                               'a gate x * act(...) with exactly one activation side')
-            return
-        gate = gates[0]
-        if gate.op == 'call_module':
-            self.gate_modules.add(gate.target)
-        else:
-            self.plan.gate_functions.append(gate)
-            if gate in self.plan.drop:
-                self.plan.drop.remove(gate)
+                                                               'a gate x * g(...), g a sigmoid/softmax/tanh on one side')
 
-    def _gate_source(self, node: fx.Node) -> Optional[fx.Node]:
-        """The activation a product operand comes from, through shape-only ops; None if none."""
-        while node.op == 'call_method' and node.target in _SHAPE_ONLY:
-            node = node.args[0]
-        if node.op == 'call_module' and _is_activation(self.module.get_submodule(node.target)):
-            return node
-        if node.op == 'call_method' and node.target in _ACTIVATION_METHODS:
-            return node
-        if node.op == 'call_function' and (node.target in _ACTIVATION_FUNCTIONS or
-                                           node.target in _timm_functions(*_TIMM_ACTIVATION_FUNCTIONS)):
-            return node
-        return None
+
+def _is_gate_module(m: nn.Module, depth: int = 2) -> bool:
+    """A squashing activation module, or a module whose output comes from one (radix softmax)."""
+    if isinstance(m, _GATE_MODULES) or (type(m).__module__ in _TIMM_ACTIVATION_MODULES and
+                                        type(m).__name__ in ('Sigmoid', 'HardSigmoid', 'HardSigmoidMe', 'Tanh')):
+        return True
+    if depth == 0 or _is_activation(m) or _find_rule(m) is not None:
+        return False
+    try:
+        graph, _ = _trace(m, False)
+    except Exception:
+        return False
+    out = next(n for n in graph.nodes if n.op == 'output').args[0]
+    if not isinstance(out, fx.Node):
+        return False
+    while out.op == 'call_method' and out.target in _SHAPE_ONLY:
+        out = out.args[0]
+    if out.op == 'call_module':
+        return _is_gate_module(m.get_submodule(out.target), depth - 1)
+    return (out.op == 'call_method' and out.target in _GATE_METHODS) or (
+        out.op == 'call_function' and (out.target in _GATE_FUNCTIONS or out.target in _timm_functions(*_TIMM_GATES)))
 
 
 def _flat_nodes(obj) -> List[fx.Node]:
@@ -477,6 +553,7 @@ def _analyse_and_rewrite(module: nn.Module, path: str, ctx: _Context, method: st
         analysis = _GraphAnalysis(module, graph, specialised, path, ctx)
         analysis.run()
         ctx.gates.update(f'{path}.{t}' if path else t for t in analysis.gate_modules)
+        ctx.exempt.update(f'{path}.{t}' if path else t for t in analysis.gate_internal_modules)
         plans[mode] = analysis.plan
     if all(p.empty() for p in plans.values()):
         return
@@ -545,10 +622,15 @@ class BcosConvClassifier(nn.Module):
 
 def _convert_tree(module: nn.Module, prefix: str, ctx: _Context) -> nn.Module:
     """Pass 1 on `module` (if it is not a rule leaf), then convert its children (pass 2)."""
+    if prefix in ctx.gates and not _is_activation(module):
+        return DynamicGate(module)  # a gate module (e.g. a radix softmax): kept whole, detached when explaining
     rule = _find_rule(module)
     if rule is not None:
         return rule.convert(module, ctx, prefix)
-    if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+    if prefix in ctx.exempt:
+        return module  # only feeds a gate: need not be linear
+    qualname = f'{type(module).__module__}.{type(module).__qualname__}'
+    if not isinstance(module, (nn.ModuleList, nn.ModuleDict)) and qualname not in TRUSTED_FORWARDS:
         methods = [m for m in ('forward_features', 'forward_head') if not prefix and hasattr(module, m)]
         for method in methods or ['forward']:
             _analyse_and_rewrite(module, prefix, ctx, method)
@@ -640,6 +722,16 @@ def _convert_head(model: nn.Module, path: Optional[str], ctx: _Context, head: st
         new = BcosConvClassifier(clf.in_features, num_classes, **kwargs)
     _set(model, path, new.to(device=clf.weight.device, dtype=clf.weight.dtype))
     return logit_bias
+
+
+def unconverted_modules(model: nn.Module) -> List[str]:
+    """Paths of modules a B-cos network should not contain: norms, activations (outside gates),
+    max-pools, and plain convolutions / linear layers. Empty for a fully converted model."""
+    gates = {id(m) for g in model.modules() if isinstance(g, DynamicGate) for m in g.modules()}
+    bad = (nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Conv2d, nn.Linear)
+    return [f'{path} ({type(m).__name__})' for path, m in model.named_modules()
+            if id(m) not in gates and not isinstance(m, (BcosConv2d, BcosLinear))
+            and (isinstance(m, bad) or _is_norm(m) or _is_activation(m))]
 
 
 def convert_to_bcos(

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .layers import explanation_mode
+from .layers import LogitLayer, explanation_mode
 
 __all__ = ['check_dynamic_linearity']
 
@@ -21,10 +21,10 @@ def check_dynamic_linearity(
     """Max relative error of ``sum(W(x) * x) + b`` against the model's outputs.
 
     ``W(x)`` is the input gradient of each explained output in explanation mode (§3.2.1) and
-    ``b = f(0)``, the output at a zero input (the logit bias: every B-cos layer maps 0 to 0). The
-    error is normalised by the largest ``|f(x) - b|``, not by ``|f(x)|``: untrained B-cos
-    outputs are tiny next to a logit bias such as ``-log(999)``; when ``f(x) - b`` is too small to
-    resolve in the outputs' dtype the check warns and returns NaN (never a vacuous 0).
+    ``b = f(0)``, the output at a zero input (every B-cos layer maps 0 to 0). The logit bias of
+    each `LogitLayer` is taken out during the check, because untrained B-cos outputs are tiny next
+    to a bias such as ``-log(999)``; the error is normalised by the largest ``|f(x) - b|``. When
+    that is too small to resolve in the outputs' dtype the check warns and returns NaN.
 
     Args:
         model: a dynamic-linear model taking the encoded input (it is run in eval mode).
@@ -33,6 +33,12 @@ def check_dynamic_linearity(
     """
     was_training = model.training
     model.eval()
+    # The logit bias is removed for the check: f(x) - b of an untrained B-cos net can be far below
+    # the resolution of b; any other constant term still shows up in b = f(0).
+    logit_layers = [m for m in model.modules() if isinstance(m, LogitLayer)]
+    biases = [m.bias for m in logit_layers]
+    for m in logit_layers:
+        m.bias = None
     try:
         with explanation_mode(model):
             x = x.detach().clone().requires_grad_(True)
@@ -63,3 +69,5 @@ def check_dynamic_linearity(
         return (torch.stack(errors).max() / scale).item()
     finally:
         model.train(was_training)
+        for m, bias in zip(logit_layers, biases):
+            m.bias = bias

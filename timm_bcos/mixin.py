@@ -28,6 +28,11 @@ class BcosModelMixin:
         """Max relative error of ``sum(W(x) * x) + b`` vs the outputs (Eq. 13); see `check_dynamic_linearity`."""
         return check_dynamic_linearity(self, x, targets)
 
+    def explain(self, x: Tensor, target=None, **kwargs) -> 'Explanation':
+        """Explain outputs (or, with ``layer=``/``neuron=``, inner neurons) exactly by W(x); see `timm_bcos.explain`."""
+        from .explain import explain
+        return explain(self, x, target, **kwargs)
+
     def reset_classifier(self, num_classes: int, *args, **kwargs) -> None:
         """timm's reset_classifier, then the new classifier is converted to B-cos again."""
         from .converter import _classifier_path, _Context, _convert_head, _convert_tree

@@ -1,0 +1,123 @@
+"""Speed of batched `timm_bcos.explain` against a forward pass and the `bcos` package's `explain()`.
+
+For the paper's CIFAR-10 BcosSimpleNet at 32 px and a batch of 32, prints the time of
+`explain` with 1 target and with the top 5 (k=5) as a ratio to one no-grad eval forward pass, and
+the time of B-cos v2's ``BcosUtilMixin.explain()`` (batch size 1, one target per call: a loop of
+N forward+backward passes per target) run on the same model, wrapped with their mixin; once as
+their users run it (parameters trainable, so our fused layers also compute weight gradients) and
+once with the parameters frozen, as `explain` does.
+
+    python benchmarks/explain.py [--threads 2] [--reps 5] [--batch 32] [--size 32]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from timm_bcos import AddInverse, BcosSimpleNet, DetachableModule
+from timm_bcos.explain import explain
+
+with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    from bcos.common import BcosUtilMixin
+
+
+class TheirMixin(BcosUtilMixin, nn.Module):
+    """Our model behind B-cos v2's mixin. Their explanation mode calls ``set_explanation_mode`` on
+    every module that has it; ours use `DetachableModule.detach_dynamic`, so this forwards it."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def set_explanation_mode(self, active: bool) -> None:
+        for m in self.net.modules():
+            if isinstance(m, DetachableModule):
+                m.detach_dynamic = active
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--reps', type=int, default=5)
+    parser.add_argument('--batch', type=int, default=32)
+    parser.add_argument('--size', type=int, default=32)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # untrained B-cos nets have tiny activations: denormals are slow
+    torch.manual_seed(0)
+
+    model = BcosSimpleNet(num_classes=10).eval()
+    theirs = TheirMixin(model).eval()
+    x = AddInverse()(torch.rand(args.batch, 3, args.size, args.size))
+    n = len(x)
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    def their_explain(k: int, frozen: bool = False):
+        def run():
+            model.requires_grad_(not frozen)  # trainable: our layers' backward also computes weight grads
+            for i in range(n):
+                xi = x[i:i + 1].clone().requires_grad_(True)
+                if k == 1:
+                    theirs.explain(xi)
+                else:
+                    for c in top5[i, :k].tolist():
+                        xi.grad = None
+                        theirs.explain(xi, idx=c)
+            model.requires_grad_(True)
+        return run
+
+    # Same numbers on both sides: their contribution map of image 0 equals ours. (The untrained
+    # net's outputs are tiny next to the logit bias; the maps are compared relative to their size.)
+    ours = explain(model, x, k=5)
+    top5 = ours.targets
+    ref = theirs.explain(x[:1].clone().requires_grad_(True), idx=int(top5[0, 0]))['contribution_map'][0]
+    error = ((ref - ours.contributions[0, 0]).abs().max() / ref.abs().max()).item()
+    assert error < 1e-4, f'bcos explain() and timm_bcos explain differ by {error:.1e}'
+
+    slow_reps = max(1, args.reps // 2)
+    t = {
+        'no-grad eval forward': _median_time(forward, args.reps),
+        'timm_bcos explain, 1 target': _median_time(lambda: explain(model, x), args.reps),
+        'timm_bcos explain, k=5': _median_time(lambda: explain(model, x, k=5), args.reps),
+        'bcos explain() per image, 1 target': _median_time(their_explain(1), slow_reps),
+        'bcos explain() per image, 5 targets': _median_time(their_explain(5), slow_reps),
+        'same, 1 target, parameters frozen': _median_time(their_explain(1, frozen=True), slow_reps),
+    }
+    ours_for = {'bcos explain() per image, 1 target': 'timm_bcos explain, 1 target',
+                'same, 1 target, parameters frozen': 'timm_bcos explain, 1 target',
+                'bcos explain() per image, 5 targets': 'timm_bcos explain, k=5'}
+    fwd = t['no-grad eval forward']
+    print(f'BcosSimpleNet (9 B-cos conv layers, MaxOut 2, B=2), {args.size} px, N={n}, float32, '
+          f'{args.threads} threads, median of {args.reps} ({slow_reps} for bcos)')
+    print(f'{"":38s}{"ms/batch":>10s}{"x forward":>11s}{"x timm_bcos":>13s}')
+    for name, seconds in t.items():
+        vs_ours = f'{seconds / t[ours_for[name]]:13.1f}' if name in ours_for else ''
+        print(f'{name:38s}{seconds * 1e3:10.1f}{seconds / fwd:11.2f}{vs_ours}')
+    print('bcos explain() also renders its RGBA image (15x15 smoothing) each call; timm_bcos does not '
+          '(Explanation.to_rgba on demand).')
+
+
+if __name__ == '__main__':
+    main()

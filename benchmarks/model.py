@@ -1,0 +1,73 @@
+"""Speed of converted timm models against the original timm models, and conversion time.
+
+Prints fwd+bwd (and fwd-only) time ratios of `convert_to_bcos(model)` (MaxOut 2 and 1) against
+the same timm model unconverted, in this process: batch 8, 128 px, 2 threads, flush-denormal on.
+MaxOut 2 doubles every convolution, so ~2x is its floor; MaxOut 1 should cost little more than
+the plain network.
+
+    python benchmarks/model.py [--models resnet50 densenet121] [--batch 8] [--size 128] [--reps 5]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import timm
+import torch
+
+from timm_bcos import convert_to_bcos
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--models', nargs='+', default=['resnet50', 'densenet121'])
+    parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--size', type=int, default=128)
+    parser.add_argument('--reps', type=int, default=5)
+    parser.add_argument('--threads', type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(0)
+    print(f'batch {args.batch}, {args.size} px, {args.threads} threads, median of {args.reps}')
+    print(f'{"model":>14} | {"variant":>10} | {"convert s":>9} | {"fb ms":>8} | {"fb ratio":>8} | {"f ratio":>7}')
+    for name in args.models:
+        x3 = torch.rand(args.batch, 3, args.size, args.size)
+        x6 = torch.cat([x3, 1 - x3], 1)
+        base = timm.create_model(name, num_classes=1000).train()
+        variants = {'timm': (base, x3, 0.0)}
+        for max_out in (2, 1):
+            model = timm.create_model(name, num_classes=1000)
+            t0 = time.perf_counter()
+            model = convert_to_bcos(model, max_out=max_out).train()
+            variants[f'max_out={max_out}'] = (model, x6, time.perf_counter() - t0)
+        times = {}
+        for key, (model, x, _) in variants.items():
+            def fwd_bwd(model=model, x=x):
+                model.zero_grad(set_to_none=True)
+                model(x).sum().backward()
+
+            def fwd(model=model, x=x):
+                with torch.no_grad():
+                    model(x)
+
+            times[key] = (_median_time(fwd_bwd, args.reps), _median_time(fwd, args.reps))
+        for key, (_, _, convert_s) in variants.items():
+            fb, f = times[key]
+            print(f'{name:>14} | {key:>10} | {convert_s:9.2f} | {fb * 1e3:8.0f} | '
+                  f'{fb / times["timm"][0]:8.2f} | {f / times["timm"][1]:7.2f}')
+
+
+if __name__ == '__main__':
+    main()

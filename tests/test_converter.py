@@ -1,0 +1,210 @@
+"""convert_to_bcos: user models, timm models, rules, errors, timm API, trainability, coverage."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import timm_bcos
+from timm_bcos import AddInverse, BcosConv2d, DynamicGate, UnsupportedModuleError, convert_to_bcos
+from timm_bcos.converter import BcosClassifier, BcosConvClassifier, unconverted_modules
+from timm_bcos.coverage import COVERAGE_MODELS, check_model
+
+
+def _x(n=2, size=32, dtype=torch.float64):
+    return AddInverse()(torch.rand(n, 3, size, size, dtype=dtype))
+
+
+class UserNet(nn.Module):
+    """Residual, concat, functional SE gate, depthwise conv, functional relu / max-pool, Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pw = nn.Conv2d(16, 16, 1)
+        self.se_reduce = nn.Conv2d(16, 4, 1)
+        self.se_expand = nn.Conv2d(4, 16, 1)
+        self.branch = nn.Conv2d(16, 8, 3, padding=1)
+        self.drop = nn.Dropout(0.1)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        y = self.pw(F.relu(self.dw(x)))
+        s = torch.sigmoid(self.se_expand(F.relu(self.se_reduce(y.mean((2, 3), keepdim=True)))))
+        x = x + y * s
+        x = F.max_pool2d(x, 2)
+        x = torch.cat([x, self.branch(x)], 1)
+        return self.fc(self.drop(x.mean((2, 3))))
+
+
+def test_user_model():
+    model = convert_to_bcos(UserNet())
+    assert isinstance(model.stem, BcosConv2d) and model.stem.in_channels == 6
+    assert isinstance(model.bn, nn.Identity)
+    assert isinstance(model.fc, BcosClassifier) and model.fc.logit.bias == pytest.approx(-math.log(9))
+    gates = [m for m in model.modules() if isinstance(m, DynamicGate)]
+    assert len(gates) == 1 and gates[0].gate_fn is torch.sigmoid
+    assert unconverted_modules(model) == []
+    assert isinstance(model, timm_bcos.mixin.BcosModelMixin) and type(model).__name__ == 'BcosUserNet'
+    model = model.double()
+    for training in (True, False):  # the rewritten forward exists for both modes
+        model.train(training)
+        assert model(_x()).shape == (2, 10)
+    assert model.check_dynamic_linearity(_x(4)) < 1e-10
+    with model.explanation_mode():
+        assert gates[0].detach_dynamic
+
+
+def test_user_model_rewrites_functional_ops():
+    # The converted forward must not apply relu or max-pool any more: compare to a hand-written
+    # B-cos version of UserNet with the same layers.
+    model = convert_to_bcos(UserNet()).double().eval()
+    x = _x()
+
+    def manual(x):
+        h = model.stem(x)
+        y = model.pw(model.dw(h))
+        s = torch.sigmoid(model.se_expand(model.se_reduce(y.mean((2, 3), keepdim=True))))
+        h = F.avg_pool2d(h + y * s, 2)
+        h = torch.cat([h, model.branch(h)], 1)
+        return model.fc(h.mean((2, 3)))
+
+    assert torch.allclose(model(x), manual(x), rtol=1e-12, atol=0)
+
+
+class Square(nn.Module):
+    def forward(self, x):
+        return x * x
+
+
+class AddConstant(nn.Module):
+    def forward(self, x):
+        return x + 1.0
+
+
+class MaxReduce(nn.Module):
+    def forward(self, x):
+        return x.amax(1, keepdim=True).expand_as(x)
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+@pytest.mark.parametrize('bad,match', [
+    (Square(), r"fx node 'mul'\) at 'block'.*two input-dependent"),
+    (AddConstant(), r"at 'block'.*adding a constant"),
+    (MaxReduce(), r"amax.*at 'block'.*not known to be linear"),
+    (DataDependent(), r"DataDependent at 'block'.*torch.fx cannot trace"),
+])
+def test_unsupported_raises_with_path(bad, match):
+    model = nn.Sequential()
+    model.add_module('conv', nn.Conv2d(3, 4, 3))
+    model.add_module('block', bad)
+    with pytest.raises(UnsupportedModuleError, match=match) as info:
+        convert_to_bcos(model)
+    assert info.value.path == 'block'
+    assert 'Supported:' in str(info.value)
+
+
+def test_non_strict_warns_and_keeps():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Square())
+    with pytest.warns(UserWarning, match='adding|two input-dependent'):
+        model = convert_to_bcos(model, strict=False)
+    assert isinstance(model[0], BcosConv2d)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match='norm'):
+        convert_to_bcos(UserNet(), norm='batch')
+    with pytest.raises(ValueError, match='head'):
+        convert_to_bcos(UserNet(), head='mlp')
+    with pytest.raises(TypeError, match='single Conv2d'):
+        convert_to_bcos(nn.Conv2d(3, 4, 3))
+
+
+def test_timm_api_is_kept():
+    model = convert_to_bcos(timm.create_model('resnet18', num_classes=7))
+    cfg = model.pretrained_cfg
+    assert cfg['input_size'][0] == 6 and cfg['mean'] == (0.0,) * 6 and cfg['std'] == (1.0,) * 6
+    assert cfg['first_conv'] == 'conv1' and model.conv1.in_channels == 6
+    assert isinstance(model.get_classifier(), BcosClassifier)
+    x = _x(dtype=torch.float32)
+    feats = model.forward_features(x)
+    assert feats.shape[:2] == (2, 512)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, 512)
+    assert model.forward_head(feats).shape == (2, 7)
+    model.reset_classifier(3)
+    assert isinstance(model.get_classifier(), BcosClassifier)
+    assert model.get_classifier().logit.bias == pytest.approx(-math.log(2))
+    assert model(x).shape == (2, 3)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 512)
+
+
+def test_conv_head():
+    model = convert_to_bcos(timm.create_model('resnet18', num_classes=5), head='conv', max_out=1)
+    assert isinstance(model.fc, BcosConvClassifier) and model.fc.fc.kernel_size == (1, 1)
+    model = model.double()
+    assert model(_x()).shape == (2, 5)
+    assert model.check_dynamic_linearity(_x()) < 1e-10
+    with pytest.raises(UnsupportedModuleError, match="head='conv'"):
+        convert_to_bcos(UserNet(), head='conv')
+
+
+def test_bnu_norm():
+    model = convert_to_bcos(timm.create_model('resnet18', num_classes=5), norm='bnu', max_out=1)
+    norms = [m for m in model.modules() if isinstance(m, timm_bcos.BatchNormUncentered2d)]
+    assert len(norms) == 20 and unconverted_modules(model) == []
+    assert all(m.scale == 1.0 for m in model.modules() if isinstance(m, BcosConv2d))
+    model = model.double()
+    model.train()
+    for _ in range(2):  # calibrate running statistics
+        model(_x(8))
+    assert model.check_dynamic_linearity(_x()) < 1e-10
+
+
+def test_conv2d_same_and_dtype_kept():
+    model = convert_to_bcos(timm.create_model('tf_efficientnet_b0', num_classes=4).double())
+    assert type(model.conv_stem).__name__ == 'BcosConv2dSame'
+    assert next(model.parameters()).dtype == torch.float64
+    assert model.check_dynamic_linearity(_x(size=33)) < 1e-10
+
+
+@pytest.mark.slow
+def test_converted_resnet18_trains_on_digits():
+    torch.manual_seed(0)
+    x_train, y_train, x_test, y_test = timm_bcos.data.load_digits(size=32)
+    encode = AddInverse()
+    x_train, x_test = encode(x_train), encode(x_test)
+    model = convert_to_bcos(timm.create_model('resnet18', num_classes=10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(150):
+        idx = torch.randint(0, len(x_train), (32,), generator=gen)
+        loss = F.binary_cross_entropy_with_logits(model(x_train[idx]), F.one_hot(y_train[idx], 10).float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x_test).argmax(1) == y_test).float().mean().item()
+    assert sum(losses[-20:]) / 20 < 0.5 * losses[0]
+    assert acc > 0.5  # chance is 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', COVERAGE_MODELS)
+def test_coverage(name):
+    result = check_model(name)
+    assert result.converted, result.reason
+    assert not result.leftovers
+    assert result.error is not None and result.error < 1e-10, result
