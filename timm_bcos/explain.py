@@ -12,7 +12,6 @@ import difflib
 import math
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import AddInverse, BcosConv2d, explanation_mode
+from .linearity import relative_error
 
 __all__ = ['Explanation', 'explain']
 
@@ -72,15 +72,7 @@ class Explanation:
         if not all(torch.isfinite(t).all() for t in (self.contributions, self.bias, self.logits)):
             return math.inf
         err = (self.contributions.sum((-2, -1)) + self.bias - self.logits).abs().max()
-        scale = (self.logits - self.bias).abs().max()
-        resolution = torch.finfo(self.logits.dtype).eps * self.logits.abs().max()
-        if not scale > 1e3 * resolution:
-            warnings.warn(
-                f'Explanation.check: the explained outputs differ from the bias f(0) by at most '
-                f'{scale.item():.3g}, too little to resolve in {self.logits.dtype}; returning NaN. '
-                f'Explain in float64 (model.double(), x.double()) to check Eq. 13.', stacklevel=2)
-            return float('nan')
-        return (err / scale).item()
+        return relative_error(err, (self.logits - self.bias).abs().max(), self.logits, 'Explanation.check')
 
     def column(self, target: int, index: int = 0) -> int:
         """The column of class (or channel) `target` among image `index`'s explained targets."""

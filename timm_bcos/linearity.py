@@ -9,7 +9,18 @@ from torch import Tensor, nn
 
 from .layers import LogitLayer, explanation_mode
 
-__all__ = ['check_dynamic_linearity']
+__all__ = ['check_dynamic_linearity', 'relative_error']
+
+
+def relative_error(error: Tensor, scale: Tensor, outputs: Tensor, what: str) -> float:
+    """``error / scale`` for the Eq. 13 checks; NaN with a warning when `scale` (the largest
+    ``|f(x) - b|``) is too small to resolve in the dtype of `outputs` -- never a vacuous 0."""
+    if not scale > 1e3 * torch.finfo(outputs.dtype).eps * outputs.abs().max():
+        warnings.warn(f'{what}: the outputs differ from the bias b = f(0) by at most {scale.item():.3g}, too '
+                      f'little to resolve in {outputs.dtype}; returning NaN. Check in float64 '
+                      f'(model.double(), x.double()).', stacklevel=3)
+        return float('nan')
+    return (error / scale).item()
 
 
 @torch.enable_grad()
@@ -58,15 +69,8 @@ def check_dynamic_linearity(
             linear = (grad * x).flatten(1).sum(1)
             errors.append((linear + bias[0, col] - out[rows, col]).abs().max())
             scales.append((out[rows, col] - bias[0, col]).abs().max())
-        scale = torch.stack(scales).max()
-        resolution = torch.finfo(out.dtype).eps * out.detach().abs().max()
-        if not scale > 1e3 * resolution:
-            warnings.warn(
-                f'check_dynamic_linearity: the outputs differ from the bias b = f(0) by at most '
-                f'{scale.item():.3g}, too little to resolve in {out.dtype}; returning NaN. Run the '
-                f'check in float64 (model.double(), x.double()).', stacklevel=2)
-            return float('nan')
-        return (torch.stack(errors).max() / scale).item()
+        return relative_error(torch.stack(errors).max(), torch.stack(scales).max(), out.detach(),
+                              'check_dynamic_linearity')
     finally:
         model.train(was_training)
         for m, bias in zip(logit_layers, biases):
