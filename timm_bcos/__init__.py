@@ -1,5 +1,5 @@
 """timm-bcos: B-cos networks (Böhle, Fritz, Schiele, CVPR 2022) for timm."""
-from . import data, models
+from . import bcos_models, data, models
 from .converter import UnsupportedModuleError, convert_to_bcos, unconverted_modules
 from .explain import Explanation, explain
 from .layers import (
@@ -19,5 +19,7 @@ from .layers import (
 )
 from .linearity import check_dynamic_linearity
 from .models import BcosSimpleNet
+from .pretrained import CheckpointMismatchError, PretrainedWeightsError, create_model
+from .transforms import create_transform
 
 __version__ = '0.1.0'

@@ -2,22 +2,24 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from torch import Tensor, nn
 
 from ..layers import BcosConv2d, LogitLayer
+from ..mixin import BcosModelMixin
 
 __all__ = ['BcosSimpleNet']
 
 
-class BcosSimpleNet(nn.Module):
+class BcosSimpleNet(BcosModelMixin, nn.Module):
     """3x3 B-cos convolutions, a 1x1 B-cos convolution to the classes, global average pooling and
     the fixed logit map of Eq. 16. No norms, no activations: every output is ``W(x) x + b``.
 
-    The defaults are the paper's 9-layer CIFAR-10 net (v1 widths 64-64-128-128-128-256-256-256,
-    strides 2 at layers 3 and 6, MaxOut 2, logit bias ``log(0.1 / 0.9)``). Input: the 6-channel
-    encoding [x, 1-x] of images in [0, 1].
+    The defaults are the paper's 9-layer CIFAR-10 net (v1: widths 64-64-128-128-128-256-256-256,
+    strides 2 at layers 3 and 6, MaxOut 2, B=2, logit bias ``log(0.1 / 0.9)``); ``max_out=1`` is
+    its "plain" variant. Input: the 6-channel encoding [x, 1-x] of images in [0, 1]. It follows
+    timm's model API (forward_features, forward_head, get_classifier, reset_classifier).
     """
 
     def __init__(
@@ -29,27 +31,48 @@ class BcosSimpleNet(nn.Module):
             b: float = 2.0,
             max_out: int = 2,
             scale: Union[float, str, None] = 'auto',
-            logit_bias: float = math.log(0.1 / 0.9),
-            logit_temperature: float = 1.0,
+            logit_bias: Optional[float] = math.log(0.1 / 0.9),
+            logit_temperature: Optional[float] = None,
     ) -> None:
         super().__init__()
         if len(widths) != len(strides):
             raise ValueError(f'widths ({len(widths)}) and strides ({len(strides)}) must have the same length')
         self.num_classes = num_classes
+        self.in_chans = in_chans
+        self._layer_kwargs = dict(b=b, max_out=max_out, scale=scale)
         layers, c = [], in_chans
         for w, s in zip(widths, strides):
-            layers.append(BcosConv2d(c, w, 3, stride=s, padding=1, b=b, max_out=max_out, scale=scale))
+            layers.append(BcosConv2d(c, w, 3, stride=s, padding=1, **self._layer_kwargs))
             c = w
         self.features = nn.Sequential(*layers)
         self.num_features = c
-        self.classifier = BcosConv2d(c, num_classes, 1, b=b, max_out=max_out, scale=scale)
+        self.classifier = self._make_classifier(num_classes)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.logit = LogitLayer(bias=logit_bias, temperature=logit_temperature)
+        self.bcos_cfg = dict(b=b, max_out=max_out, norm='none', in_chans=in_chans, logit_bias=logit_bias,
+                             logit_temperature=logit_temperature, head='conv')
+
+    def _make_classifier(self, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        return BcosConv2d(self.num_features, num_classes, 1, **self._layer_kwargs)
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new 1x1 B-cos classifier (0: none, the pooled features are returned)."""
+        self.num_classes = num_classes
+        self.classifier = self._make_classifier(num_classes)
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.features(x)
 
-    def forward_head(self, x: Tensor) -> Tensor:
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """The classifier is a 1x1 B-cos conv *before* pooling (as in v1); ``pre_logits`` returns
+        the pooled features instead."""
+        if pre_logits or self.num_classes <= 0:
+            return self.pool(x).flatten(1)
         return self.logit(self.pool(self.classifier(x)).flatten(1))
 
     def forward(self, x: Tensor) -> Tensor:

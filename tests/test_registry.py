@@ -1,0 +1,166 @@
+"""timm registry: names, pretrained_cfg, transforms, and every offline loading path with its errors."""
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import timm_bcos
+from timm_bcos import CheckpointMismatchError, PretrainedWeightsError
+
+PAPER_NAMES = ['bcos_vgg11', 'bcos_resnet18', 'bcos_resnet34', 'bcos_resnet50', 'bcos_resnext50_32x4d',
+               'bcos_densenet121', 'bcos_densenet161', 'bcos_inception_v3', 'bcos_efficientnet_b0',
+               'bcos_mobilenetv3_large_100', 'bcos_convnext_tiny', 'bcos_simple_cifar', 'bcos_simple_cifar_plain']
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    import huggingface_hub.constants as hf_constants
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+
+
+def _x(size=32, n=2):
+    return timm_bcos.AddInverse()(torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1)))
+
+
+def test_names_are_listed():
+    names = timm.list_models('bcos_*')
+    assert set(PAPER_NAMES) <= set(names)
+    assert set(PAPER_NAMES) <= set(timm.list_models(module='bcos_models'))
+
+
+@pytest.mark.parametrize('name', ['bcos_resnet18', 'bcos_densenet121', 'bcos_simple_cifar', 'bcos_simple_cifar_plain'])
+def test_create_and_cfg(name):
+    model = timm.create_model(name, num_classes=5)
+    cfg = model.pretrained_cfg
+    assert cfg['architecture'] == name and cfg['input_size'][0] == 6
+    assert cfg['mean'] == (0.0,) * 3 and cfg['std'] == (1.0,) * 3
+    assert cfg['paper_ids'] == 'arXiv:2205.10268' and cfg['license']
+    assert model.get_submodule(cfg['first_conv']).in_channels == 6
+    assert model.get_classifier() is model.get_submodule(cfg['classifier'])
+    assert model(_x()).shape == (2, 5)
+    assert model.double().check_dynamic_linearity(_x().double()) < 1e-10
+
+
+def test_design_and_overrides():
+    model = timm.create_model('bcos_resnet18', num_classes=4)
+    convs = [m for m in model.modules() if isinstance(m, timm_bcos.BcosConv2d)]
+    assert all(c.b == 2 and c.max_out == 2 for c in convs)
+    assert timm_bcos.unconverted_modules(model) == []
+    model = timm.create_model('bcos_resnet18', num_classes=4, b=2.5, max_out=1)
+    assert all(c.b == 2.5 and c.max_out == 1 for c in model.modules() if isinstance(c, timm_bcos.BcosConv2d))
+    plain = timm.create_model('bcos_simple_cifar_plain')
+    assert all(c.max_out == 1 for c in plain.modules() if isinstance(c, timm_bcos.BcosConv2d))
+
+
+def test_create_transform_feeds_the_model():
+    model = timm.create_model('bcos_simple_cifar')
+    image = Image.fromarray((np.random.default_rng(0).random((40, 50, 3)) * 255).astype('uint8'))
+    x = timm_bcos.create_transform(model)(image)
+    assert x.shape == (6, 32, 32) and torch.allclose(x[:3] + x[3:], torch.ones(3, 32, 32))
+    assert model(x[None]).shape == (1, 10)
+    # timm's own config + transform, followed by AddInverse, works too
+    config = timm.data.resolve_data_config({}, model=model)
+    x3 = timm.data.create_transform(**config)(image)
+    assert torch.equal(timm_bcos.AddInverse(dim=0)(x3), x)
+
+
+def _save_model(model, path):
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def test_file_overlay(tmp_path):
+    model = timm.create_model('bcos_resnet18', num_classes=10).eval()
+    _save_model(model, tmp_path / 'w.safetensors')
+    loaded = timm.create_model('bcos_resnet18', num_classes=10, pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / 'w.safetensors'))).eval()
+    x = _x()
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_local_dir(tmp_path):
+    model = timm.create_model('bcos_simple_cifar', num_classes=7).eval()
+    timm.models.save_for_hf(model, str(tmp_path / 'run'), safe_serialization=True)
+    assert sorted(os.listdir(tmp_path / 'run')) == ['config.json', 'model.safetensors']
+    loaded = timm.create_model(f'local-dir:{tmp_path / "run"}', pretrained=True).eval()
+    assert type(loaded).__name__ == 'BcosSimpleNet' and loaded.num_classes == 7
+    x = _x()
+    assert torch.equal(loaded(x), model(x))
+
+
+def _fill_hub_cache(cache, repo_id, folder):
+    """Write the Hugging Face cache layout: refs/main -> commit, snapshots/<commit>/ -> blobs."""
+    repo = cache / ('models--' + repo_id.replace('/', '--'))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text(commit)
+    (repo / 'blobs').mkdir()
+    snapshot = repo / 'snapshots' / commit
+    snapshot.mkdir(parents=True)
+    for name in os.listdir(folder):
+        data = (folder / name).read_bytes()
+        blob = repo / 'blobs' / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / name)
+
+
+def test_hf_hub_from_cache(tmp_path):
+    model = timm.create_model('bcos_resnet18', num_classes=3).eval()
+    timm.models.save_for_hf(model, str(tmp_path / 'run'), safe_serialization=True)
+    _fill_hub_cache(tmp_path / 'cache', 'testorg/bcos-resnet18', tmp_path / 'run')
+    loaded = timm.create_model('hf-hub:testorg/bcos-resnet18', pretrained=True, cache_dir=str(tmp_path / 'cache'))
+    loaded.eval()
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    x = _x()
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_unknown_name_lists_close_matches():
+    with pytest.raises(RuntimeError, match=r"Unknown model \(bcos_resnet19\).*bcos_resnet18"):
+        timm_bcos.create_model('bcos_resnet19')
+    assert type(timm_bcos.create_model('bcos_simple_cifar')).__name__ == 'BcosSimpleNet'
+
+
+def test_weights_missing_offline(tmp_path):
+    url = 'https://example.invalid/weights/bcos_resnet18.safetensors'
+    with pytest.raises(PretrainedWeightsError, match=r'url=https://example.invalid.*HF_HUB_OFFLINE=1.*file=PATH'):
+        timm.create_model('bcos_resnet18', pretrained=True, pretrained_cfg_overlay=dict(url=url),
+                          cache_dir=str(tmp_path))
+    with pytest.raises(PretrainedWeightsError, match=r'hf_hub_id=testorg/missing.*HF_HUB_OFFLINE'):
+        timm.create_model('bcos_resnet18', pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id='testorg/missing'),
+                          cache_dir=str(tmp_path))
+    with pytest.raises(PretrainedWeightsError, match='No pretrained weights'):
+        timm.create_model('bcos_resnet18', pretrained=True)
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    _save_model(timm.create_model('bcos_resnet34', num_classes=10), tmp_path / 'r34.safetensors')
+    with pytest.raises(CheckpointMismatchError, match=r'unexpected keys.*layer1\.2\.conv1\.weight'):
+        timm.create_model('bcos_resnet18', num_classes=10, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'r34.safetensors')))
+
+
+def test_checkpoint_of_another_class_count(tmp_path):
+    _save_model(timm.create_model('bcos_resnet18', num_classes=10), tmp_path / 'w.safetensors')
+    with pytest.raises(CheckpointMismatchError, match=r'fc\.weight: checkpoint \(20, 512\) vs model \(2000, 512\).*'
+                                                      r'10 classes: pass num_classes=10'):
+        timm.create_model('bcos_resnet18', pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'w.safetensors')))
+    # fine-tuning: a different num_classes than the checkpoint's pretrained_cfg drops the head on purpose
+    model = timm.create_model('bcos_resnet18', num_classes=3, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'w.safetensors'), num_classes=10))
+    assert model.get_classifier().out_features == 3
+
+
+def test_corrupt_checkpoint(tmp_path):
+    path = tmp_path / 'broken.safetensors'
+    path.write_bytes(b'\x00' * 64 + b'not a safetensors file')
+    with pytest.raises(PretrainedWeightsError, match='corrupt'):
+        timm.create_model('bcos_resnet18', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))

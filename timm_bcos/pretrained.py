@@ -1,0 +1,142 @@
+"""Building registered B-cos models with timm's loader, and clear errors when weights fail to load."""
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+__all__ = ['CheckpointMismatchError', 'PretrainedWeightsError', 'build_bcos_model', 'check_state_dict',
+           'create_model']
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint whose keys or shapes do not fit the model (another architecture or class count)."""
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights that cannot be read: missing offline, not downloadable, or corrupt."""
+
+
+def check_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Raise `CheckpointMismatchError` naming every missing, unexpected or mis-shaped key.
+
+    Classifier weights may differ when the model is built for another class count than its
+    pretrained_cfg (timm then drops them: fine-tuning); a checkpoint head that fits the model is
+    kept. Anything else must match exactly.
+    """
+    expected = model.state_dict()
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    classifiers = cfg.get('classifier') or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    new_head = getattr(model, 'num_classes', None) != cfg.get('num_classes', getattr(model, 'num_classes', None))
+    head_keys = {f'{c}.{p}' for c in classifiers for p in ('weight', 'bias')} & set(expected)
+    if new_head and head_keys and all(k in state_dict and state_dict[k].shape == expected[k].shape for k in head_keys):
+        # The checkpoint's head already fits the model: keep it (timm would drop it because the
+        # pretrained_cfg names another class count; this is the same dict timm reads next).
+        cfg['num_classes'] = model.num_classes
+        new_head = False
+    ignored = head_keys if new_head else set()
+    missing = sorted(set(expected) - set(state_dict) - ignored)
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}'
+              for k in sorted(set(state_dict) & set(expected) - ignored)
+              if tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f'{what} ({len(keys)}): {keys[:8]}{" ..." if len(keys) > 8 else ""}'
+                 for what, keys in (('missing keys', missing), ('unexpected keys', unexpected),
+                                    ('shape mismatches', shapes)) if keys]
+        hint = ''
+        head = [k for k in classifiers if f'{k}.weight' in state_dict]
+        if head and any(s.startswith(f'{head[0]}.weight') for s in shapes):
+            units = state_dict[head[0] + '.weight'].shape[0] // getattr(model.get_submodule(head[0]), 'max_out', 1)
+            hint = f' The checkpoint has {units} classes: pass num_classes={units} to match it.'
+        name = cfg.get('architecture', type(model).__name__)
+        raise CheckpointMismatchError(f'checkpoint does not fit {name}: ' + '; '.join(parts) +
+                                      '. Is it a checkpoint of another architecture or class count?' + hint)
+    return state_dict
+
+
+def _weights_source(cfg: Dict[str, Any]) -> str:
+    for key in ('file', 'hf_hub_id', 'url'):
+        if cfg.get(key):
+            return f'{key}={cfg[key]}'
+    return 'no weight source'
+
+
+def build_bcos_model(
+        builder: Callable[..., nn.Module],
+        variant: str,
+        pretrained: bool,
+        pretrained_filter_fn: Optional[Callable] = None,
+        **kwargs,
+) -> nn.Module:
+    """timm's `build_model_with_cfg`, with every loaded state dict checked and clear load errors."""
+    from timm.models import build_model_with_cfg
+
+    def filter_fn(state_dict, model):
+        if pretrained_filter_fn is not None:
+            state_dict = pretrained_filter_fn(state_dict, model)
+        return check_state_dict(state_dict, model)
+
+    cfg = _resolved_cfg(variant, kwargs) if pretrained else {}
+    if pretrained and _offline() and not cfg.get('file') and not cfg.get('hf_hub_id') and cfg.get('url'):
+        from timm.models._hub import get_cache_dir
+        cached = os.path.join(kwargs.get('cache_dir') or get_cache_dir(), os.path.basename(cfg['url'].split('?')[0]))
+        if not os.path.exists(cached):  # timm would try to download: fail now, with the way out
+            raise PretrainedWeightsError(_unavailable(variant, cfg, 'not in the local cache'))
+    try:
+        return build_model_with_cfg(builder, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
+    except CheckpointMismatchError:
+        raise
+    except Exception as e:
+        if not pretrained or not _is_load_error(e):
+            raise
+        if cfg.get('file') and os.path.exists(cfg['file']):
+            raise PretrainedWeightsError(f'cannot read the checkpoint {cfg["file"]} for {variant}: '
+                                         f'{type(e).__name__}: {e}. The file is corrupt or not a '
+                                         f'safetensors/torch checkpoint.') from e
+        raise PretrainedWeightsError(_unavailable(variant, cfg, f'{type(e).__name__}: {e}')) from e
+
+
+def _offline() -> bool:
+    return os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('', '0', 'false', 'no')
+
+
+def _resolved_cfg(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    from timm.models import get_pretrained_cfg
+    cfg = kwargs.get('pretrained_cfg') or get_pretrained_cfg(variant)
+    cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg or {})
+    cfg.update(kwargs.get('pretrained_cfg_overlay') or {})
+    return cfg
+
+
+def _unavailable(variant: str, cfg: Dict[str, Any], why: str) -> str:
+    return (f'pretrained weights for {variant} are not available ({_weights_source(cfg)}): {why}. '
+            f'{"HF_HUB_OFFLINE=1 is set, so only local caches are used. " if _offline() else ""}'
+            f'Fetch them where there is network access (URLs are cached under $TORCH_HOME/hub/checkpoints, '
+            f'Hub repos under $HF_HOME / $HF_HUB_CACHE), or point to a local copy with '
+            f'pretrained_cfg_overlay=dict(file=PATH), or load a folder with create_model("local-dir:PATH").')
+
+
+def _is_load_error(e: Exception) -> bool:
+    import urllib.error
+    names = {'LocalEntryNotFoundError', 'EntryNotFoundError', 'SafetensorError', 'HfHubHTTPError',
+             'OfflineModeIsEnabled', 'UnpicklingError', 'RepositoryNotFoundError'}
+    return isinstance(e, (OSError, urllib.error.URLError, EOFError, ValueError)) or type(e).__name__ in names or (
+        isinstance(e, RuntimeError) and ('No pretrained weights' in str(e) or 'safetensors' in str(e).lower()))
+
+
+def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """`timm.create_model`, but an unknown ``bcos`` name lists the close matches."""
+    import timm
+
+    base = model_name.split('.')[0]
+    if ':' not in model_name and not timm.is_model(base):
+        names = timm.list_models('bcos*')
+        close = difflib.get_close_matches(base, names, n=5, cutoff=0.6)
+        raise RuntimeError(f'Unknown model ({model_name}); close B-cos names: {close or names[:10]}. '
+                           f'All: timm.list_models("bcos*") (after `import timm_bcos`).')
+    return timm.create_model(model_name, pretrained=pretrained, **kwargs)

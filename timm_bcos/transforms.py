@@ -1,0 +1,31 @@
+"""Image pipeline for B-cos models: timm's transform to [0, 1] images, then the 6-channel encoding."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .layers import AddInverse
+
+__all__ = ['create_transform']
+
+
+class _Encode(nn.Module):
+    """AddInverse on one (C, H, W) image tensor, as the last step of a torchvision pipeline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode = AddInverse(dim=0)
+
+    def forward(self, x):
+        return self.encode(x)
+
+
+def create_transform(model: nn.Module, is_training: bool = False, **overrides: Any):
+    """timm's data config and transform for `model` (resize, crop, augmentation, to [0, 1] tensor),
+    followed by the [x, 1-x] encoding (§4): PIL image -> (6, H, W) tensor the model takes."""
+    import timm.data
+    from torchvision import transforms
+
+    config = timm.data.resolve_data_config(overrides, model=model)
+    return transforms.Compose([timm.data.create_transform(**config, is_training=is_training), _Encode()])
