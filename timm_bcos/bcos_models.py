@@ -3,7 +3,8 @@
 - ``bcos_<arch>``: the paper's design (B=2, MaxOut 2, no norms, v1's output scale, 6-channel input)
   built by converting timm's ``<arch>`` (paper §3.3).
 - ``bcos_simple_cifar`` / ``bcos_simple_cifar_plain``: the paper's 9-layer CIFAR-10 network with
-  and without MaxOut (§4 "Models").
+  and without MaxOut (§4 "Models"); ``bcos_simple_cifar_tiny``: the same at a quarter of the width
+  (16-64 channels), small enough to ship trained weights in the package.
 
 The file name cannot clash with timm's own modules (``list_models(module='bcos_models')``).
 """
@@ -19,7 +20,7 @@ from .converter import convert_to_bcos
 from .models import BcosSimpleNet
 from .pretrained import build_bcos_model
 
-__all__ = ['PAPER_ARCHS', 'PAPER_DESIGN']
+__all__ = ['PAPER_ARCHS', 'PAPER_DESIGN', 'TINY_WIDTHS']
 
 PAPER_ARCHS = ('vgg11', 'resnet18', 'resnet34', 'resnet50', 'resnext50_32x4d', 'densenet121', 'densenet161',
                'inception_v3', 'efficientnet_b0', 'mobilenetv3_large_100', 'convnext_tiny')
@@ -54,7 +55,10 @@ default_cfgs = generate_default_cfgs({
     **{f'bcos_{arch}': _converted_cfg(arch) for arch in PAPER_ARCHS},
     'bcos_simple_cifar': _simple_cifar_cfg(),
     'bcos_simple_cifar_plain': _simple_cifar_cfg(),
+    'bcos_simple_cifar_tiny': _simple_cifar_cfg(),
 })
+
+TINY_WIDTHS = (16, 16, 32, 32, 32, 64, 64, 64)
 
 
 def _convert_builder(base: str, design: Dict[str, Any]) -> Callable[..., nn.Module]:
@@ -82,3 +86,5 @@ for _arch in PAPER_ARCHS:
 _register('bcos_simple_cifar', BcosSimpleNet, "The paper's 9-layer CIFAR-10 B-cos network (MaxOut 2, B=2).")
 _register('bcos_simple_cifar_plain', lambda **kw: BcosSimpleNet(**{'max_out': 1, **kw}),
           "The paper's 9-layer CIFAR-10 B-cos network without MaxOut (B=2).")
+_register('bcos_simple_cifar_tiny', lambda **kw: BcosSimpleNet(**{'widths': TINY_WIDTHS, **kw}),
+          "The paper's 9-layer CIFAR-10 B-cos network at a quarter width (16-64 channels, MaxOut 2, B=2).")

@@ -1,5 +1,7 @@
 """`timm-bcos` command line: a thin layer over the library.
 
+    timm-bcos explain IMAGE... --model NAME|local-dir:PATH|hf-hub:ID [--checkpoint FILE]
+                     [--target C | --topk K] [--layer L --neuron N] --out DIR
     timm-bcos coverage [--models NAME ...] [--out conversion/coverage.md]
     timm-bcos demo [--steps 300]
 """
@@ -14,15 +16,49 @@ __all__ = ['main']
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog='timm-bcos', description='B-cos networks for timm')
     sub = parser.add_subparsers(dest='command', required=True)
+    ex = sub.add_parser('explain', help='explain images: one PNG per image and results.json')
+    ex.add_argument('images', nargs='+')
+    ex.add_argument('--model', required=True, help='a timm name (import timm_bcos), local-dir:PATH or hf-hub:ID')
+    ex.add_argument('--checkpoint', help='a safetensors file with the weights')
+    ex.add_argument('--num-classes', type=int, help="the checkpoint's class count")
+    what = ex.add_mutually_exclusive_group()
+    what.add_argument('--target', type=int, help='class to explain (default: the prediction)')
+    what.add_argument('--topk', type=int, help='explain the top-k classes')
+    what.add_argument('--layer', help='explain a neuron of this module (with --neuron)')
+    ex.add_argument('--neuron', type=int, help='channel of --layer to explain')
+    ex.add_argument('--out', required=True, help='output folder')
     sub.add_parser('coverage', help='convert timm architectures and check Eq. 13 (writes a report)',
                    add_help=False)
     sub.add_parser('demo', help='train a small B-cos net on digits and check Eq. 13', add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == 'explain':
+        if rest:
+            parser.error(f'unrecognized arguments: {" ".join(rest)}')
+        _explain(args)
+        return
     if args.command == 'coverage':
         from .coverage import main as run
     else:
         from .demo import main as run
     run(rest)
+
+
+def _explain(args: argparse.Namespace) -> None:
+    from .explain import explain_images
+    from .pretrained import load_model
+
+    if (args.layer is None) != (args.neuron is None):
+        raise SystemExit('timm-bcos explain: --layer and --neuron go together')
+    kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
+    model = load_model(args.model, args.checkpoint, **kwargs)
+    results = explain_images(model, args.images, args.out, args.target, k=args.topk, layer=args.layer,
+                             neuron=args.neuron)
+    for r in results:
+        err = r['faithfulness_error']
+        label = r['class_name'] if r['class_name'] is not None else r['prediction']
+        print(f'{r["image"]}: prediction {label}  explained {r["targets"]}  '
+              f'Eq. 13 error {"n/a" if err is None else f"{err:.1e}"}  -> {r["png"]}')
+    print(f'results: {args.out}/results.json')
 
 
 if __name__ == '__main__':

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .layers import AddInverse, BcosConv2d, explanation_mode
 from .linearity import relative_error
 
-__all__ = ['Explanation', 'explain']
+__all__ = ['Explanation', 'explain', 'explain_images']
 
 TargetLike = Union[int, Sequence[int], Sequence[Sequence[int]], Tensor, np.ndarray]
 
@@ -495,3 +495,46 @@ def _matplotlib():
     except ImportError as e:
         raise ImportError('plotting explanations needs matplotlib: pip install matplotlib') from e
     return figure, FigureCanvasAgg
+
+
+def explain_images(
+        model: nn.Module,
+        paths: Sequence[Union[str, os.PathLike]],
+        out_dir: Union[str, os.PathLike],
+        target: Optional[int] = None,
+        *,
+        k: Optional[int] = None,
+        layer: Optional[str] = None,
+        neuron: Optional[int] = None,
+) -> List[dict]:
+    """Explain image files: one PNG per image in `out_dir` and ``results.json`` (predictions,
+    probabilities, the Eq. 13 faithfulness error). Images go through `create_transform(model)`."""
+    import json
+    from PIL import Image
+    from .transforms import create_transform
+
+    transform = create_transform(model)
+    os.makedirs(out_dir, exist_ok=True)
+    results = []
+    for path in paths:
+        with Image.open(path) as image:
+            x = transform(image.convert('RGB'))[None]
+        if layer is None:
+            e = explain(model, x, target, k=k)
+        else:
+            e = explain(model, x, layer=layer, neuron=neuron)
+        png = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + '.png')
+        e.save(png)
+        error = e.check()
+        names = e.class_names
+        results.append(dict(
+            image=os.fspath(path), png=png, targets=e.targets[0].tolist(), explained=e.logits[0].tolist(),
+            prediction=None if e.prediction is None else int(e.prediction[0]),
+            class_name=None if e.prediction is None or names is None else names[int(e.prediction[0])],
+            probabilities=None if e.probabilities is None else e.probabilities[0].tolist(),
+            faithfulness_error=error if math.isfinite(error) else None))
+    fd, tmp = tempfile.mkstemp(suffix='.json', dir=out_dir)
+    with os.fdopen(fd, 'w') as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, 'results.json'))
+    return results

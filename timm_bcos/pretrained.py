@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 __all__ = ['CheckpointMismatchError', 'PretrainedWeightsError', 'build_bcos_model', 'check_state_dict',
-           'create_model']
+           'create_model', 'load_model']
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -140,3 +140,20 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Modu
         raise RuntimeError(f'Unknown model ({model_name}); close B-cos names: {close or names[:10]}. '
                            f'All: timm.list_models("bcos*") (after `import timm_bcos`).')
     return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+
+
+def load_model(name: str, checkpoint: Optional[str] = None, **kwargs) -> nn.Module:
+    """A model with weights, for inference: a registered name (its default pretrained tag),
+    ``local-dir:PATH``, ``hf-hub:ORG/NAME``, or any of them with a `checkpoint` file (safetensors)."""
+    import warnings
+    import timm
+
+    if checkpoint is not None:
+        if not os.path.exists(checkpoint):
+            raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
+        overlay = dict(file=checkpoint, num_classes=kwargs.get('num_classes', 1000))
+        return create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
+    has_weights = ':' in name or bool(timm.list_pretrained(name if '.' in name else f'{name}.*'))
+    if not has_weights:
+        warnings.warn(f'{name} has no pretrained weights: explaining a randomly initialised model', stacklevel=2)
+    return create_model(name, pretrained=has_weights, **kwargs).eval()

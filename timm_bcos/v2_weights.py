@@ -39,7 +39,7 @@ V2_CONVERT_KWARGS: Dict[str, Any] = dict(b=2.0, max_out=1, norm='bnu', in_chans=
 
 def _arch(timm_arch: str, family: str, file: str, top1: float, top5: float, blocks: Tuple, **extra) -> Dict[str, Any]:
     return dict(timm_arch=timm_arch, family=family, convert_kwargs=dict(V2_CONVERT_KWARGS),
-                url=f'{V2_BASE_URL}/{file}', top1=top1, top5=top5, num_classes=1000, blocks=blocks, **extra)
+                v2_experiment=file.split('-')[0], url=f'{V2_BASE_URL}/{file}', top1=top1, top5=top5, num_classes=1000, blocks=blocks, **extra)
 
 
 # Accuracies: ImageNet val top-1/top-5 (%) from the docstrings of bcos.models.pretrained (README rounds them).
