@@ -1,13 +1,14 @@
 """Speed of batched `timm_bcos.explain` against a forward pass and the `bcos` package's `explain()`.
 
-For the paper's CIFAR-10 BcosSimpleNet at 32 px and a batch of 32, prints the time of
-`explain` with 1 target and with the top 5 (k=5) as a ratio to one no-grad eval forward pass, and
-the time of B-cos v2's ``BcosUtilMixin.explain()`` (batch size 1, one target per call: a loop of
-N forward+backward passes per target) run on the same model, wrapped with their mixin; once as
+For a model (default ``bcos_resnet18`` at 128 px) and a batch of 32, prints the time of `explain`
+with 1 target and with the top 5 (k=5) as a ratio to one no-grad eval forward pass, and the time
+of B-cos v2's ``BcosUtilMixin.explain()`` (batch size 1, one target per call: a loop of N
+forward+backward passes per target) run on the same model, wrapped with their mixin; once as
 their users run it (parameters trainable, so our fused layers also compute weight gradients) and
-once with the parameters frozen, as `explain` does.
+once with the parameters frozen, as `explain` does. ``--reference-own`` also times their explain()
+on their own resnet18 (``bcos.models.pretrained.resnet18``, the v2 design: MaxOut 1, uncentered BN).
 
-    python benchmarks/explain.py [--threads 2] [--reps 5] [--batch 32] [--size 32]
+    python benchmarks/explain.py [--model bcos_resnet18] [--size 128] [--batch 32] [--reps 3]
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import warnings
 import torch
 from torch import nn
 
-from timm_bcos import AddInverse, BcosSimpleNet, DetachableModule
+import timm
+
+from timm_bcos import AddInverse, DetachableModule
 from timm_bcos.explain import explain
 
 with warnings.catch_warnings():
@@ -57,15 +60,17 @@ def _median_time(fn, reps: int) -> float:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--reps', type=int, default=5)
+    parser.add_argument('--reps', type=int, default=3)
     parser.add_argument('--batch', type=int, default=32)
-    parser.add_argument('--size', type=int, default=32)
+    parser.add_argument('--size', type=int, default=128)
+    parser.add_argument('--model', default='bcos_resnet18')
+    parser.add_argument('--reference-own', action='store_true', help="also time bcos's own resnet18")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # untrained B-cos nets have tiny activations: denormals are slow
     torch.manual_seed(0)
 
-    model = BcosSimpleNet(num_classes=10).eval()
+    model = timm.create_model(args.model).eval()
     theirs = TheirMixin(model).eval()
     x = AddInverse()(torch.rand(args.batch, 3, args.size, args.size))
     n = len(x)
@@ -105,11 +110,22 @@ def main(argv=None) -> None:
         'bcos explain() per image, 5 targets': _median_time(their_explain(5), slow_reps),
         'same, 1 target, parameters frozen': _median_time(their_explain(1, frozen=True), slow_reps),
     }
+    if args.reference_own:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            from bcos.models.pretrained import resnet18
+        own = resnet18(pretrained=False).eval()
+
+        def own_explain():
+            for i in range(n):
+                own.explain(x[i:i + 1].clone().requires_grad_(True))
+        t["bcos explain() per image on bcos's resnet18"] = _median_time(own_explain, slow_reps)
     ours_for = {'bcos explain() per image, 1 target': 'timm_bcos explain, 1 target',
+                "bcos explain() per image on bcos's resnet18": 'timm_bcos explain, 1 target',
                 'same, 1 target, parameters frozen': 'timm_bcos explain, 1 target',
                 'bcos explain() per image, 5 targets': 'timm_bcos explain, k=5'}
     fwd = t['no-grad eval forward']
-    print(f'BcosSimpleNet (9 B-cos conv layers, MaxOut 2, B=2), {args.size} px, N={n}, float32, '
+    print(f'{args.model}, {args.size} px, N={n}, float32, '
           f'{args.threads} threads, median of {args.reps} ({slow_reps} for bcos)')
     print(f'{"":38s}{"ms/batch":>10s}{"x forward":>11s}{"x timm_bcos":>13s}')
     for name, seconds in t.items():

@@ -14,6 +14,9 @@ from safetensors.torch import save_file
 import timm_bcos
 from timm_bcos import CheckpointMismatchError, PretrainedWeightsError
 
+V2_NAMES = ['bcosv2_resnet18', 'bcosv2_resnet34', 'bcosv2_resnet50', 'bcosv2_resnet101', 'bcosv2_resnet152',
+            'bcosv2_resnext50_32x4d', 'bcosv2_densenet121', 'bcosv2_densenet161', 'bcosv2_densenet169',
+            'bcosv2_densenet201', 'bcosv2_vgg11_bnu']
 PAPER_NAMES = ['bcos_vgg11', 'bcos_resnet18', 'bcos_resnet34', 'bcos_resnet50', 'bcos_resnext50_32x4d',
                'bcos_densenet121', 'bcos_densenet161', 'bcos_inception_v3', 'bcos_efficientnet_b0',
                'bcos_mobilenetv3_large_100', 'bcos_convnext_tiny', 'bcos_simple_cifar', 'bcos_simple_cifar_plain']
@@ -33,18 +36,21 @@ def _x(size=32, n=2):
 def test_names_are_listed():
     names = timm.list_models('bcos_*')
     assert set(PAPER_NAMES) <= set(names)
+    assert set(timm.list_models('bcosv2_*')) == set(V2_NAMES)
+    assert set(timm.list_pretrained('bcosv2_*')) == {f'{n}.in1k' for n in V2_NAMES}
     assert set(PAPER_NAMES) <= set(timm.list_models(module='bcos_models'))
 
 
-@pytest.mark.parametrize('name', ['bcos_resnet18', 'bcos_densenet121', 'bcos_simple_cifar', 'bcos_simple_cifar_plain'])
+@pytest.mark.parametrize('name', ['bcos_resnet18', 'bcos_densenet121', 'bcos_simple_cifar', 'bcos_simple_cifar_plain',
+                                  'bcos_simple_cifar_tiny', 'bcosv2_resnet18'])
 def test_create_and_cfg(name):
     model = timm.create_model(name, num_classes=5)
     cfg = model.pretrained_cfg
     assert cfg['architecture'] == name and cfg['input_size'][0] == 6
     assert cfg['mean'] == (0.0,) * 3 and cfg['std'] == (1.0,) * 3
-    assert cfg['paper_ids'] == 'arXiv:2205.10268' and cfg['license']
+    assert cfg['paper_ids'] in ('arXiv:2205.10268', 'arXiv:2306.10898') and cfg['license']
     assert model.get_submodule(cfg['first_conv']).in_channels == 6
-    assert model.get_classifier() is model.get_submodule(cfg['classifier'])
+    assert cfg['classifier'].startswith(next(n for n, m in model.named_modules() if m is model.get_classifier()))
     assert model(_x()).shape == (2, 5)
     assert model.double().check_dynamic_linearity(_x().double()) < 1e-10
 
@@ -139,6 +145,9 @@ def test_weights_missing_offline(tmp_path):
                           cache_dir=str(tmp_path))
     with pytest.raises(PretrainedWeightsError, match='No pretrained weights'):
         timm.create_model('bcos_resnet18', pretrained=True)
+    # a registered tag: B-cos v2's released weights, not cached here
+    with pytest.raises(PretrainedWeightsError, match=r'url=https://github.com/B-cos/B-cos-v2/releases/.*resnet_18'):
+        timm.create_model('bcosv2_resnet18', pretrained=True, cache_dir=str(tmp_path))
 
 
 def test_checkpoint_of_another_architecture(tmp_path):
@@ -146,6 +155,15 @@ def test_checkpoint_of_another_architecture(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r'unexpected keys.*layer1\.2\.conv1\.weight'):
         timm.create_model('bcos_resnet18', num_classes=10, pretrained=True,
                           pretrained_cfg_overlay=dict(file=str(tmp_path / 'r34.safetensors')))
+
+
+def test_v2_checkpoint_of_another_architecture(tmp_path):
+    from timm_bcos.v2_weights import V2StateDictError
+    import bcos.models.pretrained as v2
+    torch.save(v2.resnet34(pretrained=False).state_dict(), tmp_path / 'resnet_34.pth')
+    with pytest.raises(V2StateDictError, match='resnet34') as info:
+        timm.create_model('bcosv2_resnet18', pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'resnet_34.pth')))
+    assert isinstance(info.value, CheckpointMismatchError)
 
 
 def test_checkpoint_of_another_class_count(tmp_path):

@@ -2,6 +2,9 @@
 
 - ``bcos_<arch>``: the paper's design (B=2, MaxOut 2, no norms, v1's output scale, 6-channel input)
   built by converting timm's ``<arch>`` (paper §3.3).
+- ``bcosv2_<arch>``: the B-cos v2 design (uncentered bias-free BN, MaxOut 1, 1x1 B-cos conv head
+  before global pooling, logit bias -log(999)), whose authors released ImageNet weights: tag
+  ``.in1k`` loads them (`timm_bcos.v2_weights` maps their keys onto ours).
 - ``bcos_simple_cifar`` / ``bcos_simple_cifar_plain``: the paper's 9-layer CIFAR-10 network with
   and without MaxOut (§4 "Models"); ``bcos_simple_cifar_tiny``: the same at a quarter of the width
   (16-64 channels), small enough to ship trained weights in the package.
@@ -10,7 +13,8 @@ The file name cannot clash with timm's own modules (``list_models(module='bcos_m
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from functools import partial
+from typing import Any, Callable, Dict, Optional
 
 import timm
 from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
@@ -19,6 +23,7 @@ from torch import nn
 from .converter import convert_to_bcos
 from .models import BcosSimpleNet
 from .pretrained import build_bcos_model
+from .v2_weights import V2_ARCHS, create_v2_model, map_v2_state_dict
 
 __all__ = ['PAPER_ARCHS', 'PAPER_DESIGN', 'TINY_WIDTHS']
 
@@ -45,6 +50,19 @@ def _converted_cfg(base: str, **kwargs) -> Dict[str, Any]:
     return out
 
 
+_V2_HEADS = {'resnet': 'fc.fc', 'densenet': 'classifier.fc', 'vgg': 'head.fc.fc'}
+
+
+def _v2_cfg(name: str) -> Dict[str, Any]:
+    arch = V2_ARCHS[name]
+    return _converted_cfg(
+        arch['timm_arch'], url=arch['url'], classifier=_V2_HEADS[arch['family']], crop_pct=0.875,
+        interpolation='bilinear', paper_name='B-cos Alignment for Inherently Interpretable CNNs and Vision '
+        'Transformers', paper_ids='arXiv:2306.10898', origin_url='https://github.com/B-cos/B-cos-v2',
+        description=f'B-cos v2 {name} (ImageNet-1k), top-1 {arch["top1"]:.2f}% / top-5 {arch["top5"]:.2f}% as '
+                    f'reported by the B-cos v2 authors; their released weights.')
+
+
 def _simple_cifar_cfg(**kwargs) -> Dict[str, Any]:
     return dict(url='', num_classes=10, input_size=(6, 32, 32), pool_size=(8, 8), crop_pct=1.0,
                 interpolation='bilinear', mean=(0.0,) * 3, std=(1.0,) * 3, first_conv='features.0',
@@ -53,6 +71,7 @@ def _simple_cifar_cfg(**kwargs) -> Dict[str, Any]:
 
 default_cfgs = generate_default_cfgs({
     **{f'bcos_{arch}': _converted_cfg(arch) for arch in PAPER_ARCHS},
+    **{f'bcosv2_{name}.in1k': _v2_cfg(name) for name in V2_ARCHS},
     'bcos_simple_cifar': _simple_cifar_cfg(),
     'bcos_simple_cifar_plain': _simple_cifar_cfg(),
     'bcos_simple_cifar_tiny': _simple_cifar_cfg(),
@@ -70,9 +89,10 @@ def _convert_builder(base: str, design: Dict[str, Any]) -> Callable[..., nn.Modu
     return builder
 
 
-def _register(name: str, builder: Callable[..., nn.Module], doc: str) -> None:
+def _register(name: str, builder: Callable[..., nn.Module], doc: str,
+              filter_fn: Optional[Callable] = None) -> None:
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
-        return build_bcos_model(builder, name, pretrained, **kwargs)
+        return build_bcos_model(builder, name, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
@@ -83,6 +103,10 @@ def _register(name: str, builder: Callable[..., nn.Module], doc: str) -> None:
 for _arch in PAPER_ARCHS:
     _register(f'bcos_{_arch}', _convert_builder(_arch, PAPER_DESIGN),
               f"B-cos {_arch} (paper design: B=2, MaxOut 2, no norms, 6-channel input), converted from timm's {_arch}.")
+for _name in V2_ARCHS:
+    _register(f'bcosv2_{_name}', partial(create_v2_model, _name),
+              f"B-cos v2 {_name}: uncentered bias-free BN, MaxOut 1, conv head; pretrained=True loads the v2 "
+              f"authors' ImageNet weights.", filter_fn=partial(map_v2_state_dict, allow_new_head=True))
 _register('bcos_simple_cifar', BcosSimpleNet, "The paper's 9-layer CIFAR-10 B-cos network (MaxOut 2, B=2).")
 _register('bcos_simple_cifar_plain', lambda **kw: BcosSimpleNet(**{'max_out': 1, **kw}),
           "The paper's 9-layer CIFAR-10 B-cos network without MaxOut (B=2).")

@@ -20,12 +20,12 @@ files) to ours and validates it strictly; it can be timm's ``pretrained_filter_f
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor, nn
+
+from .pretrained import CheckpointMismatchError
 
 __all__ = ['V2_ARCHS', 'V2_BASE_URL', 'V2_CONVERT_KWARGS', 'V2StateDictError', 'create_v2_model',
            'guess_v2_arch', 'load_v2_state_dict', 'map_v2_state_dict', 'prepare_v2_vgg_head']
@@ -39,7 +39,8 @@ V2_CONVERT_KWARGS: Dict[str, Any] = dict(b=2.0, max_out=1, norm='bnu', in_chans=
 
 def _arch(timm_arch: str, family: str, file: str, top1: float, top5: float, blocks: Tuple, **extra) -> Dict[str, Any]:
     return dict(timm_arch=timm_arch, family=family, convert_kwargs=dict(V2_CONVERT_KWARGS),
-                v2_experiment=file.split('-')[0], url=f'{V2_BASE_URL}/{file}', top1=top1, top5=top5, num_classes=1000, blocks=blocks, **extra)
+                v2_experiment=file.split('-')[0], url=f'{V2_BASE_URL}/{file}', top1=top1, top5=top5,
+                num_classes=1000, blocks=blocks, **extra)
 
 
 # Accuracies: ImageNet val top-1/top-5 (%) from the docstrings of bcos.models.pretrained (README rounds them).
@@ -74,7 +75,7 @@ for _name, _cfg in V2_ARCHS.items():
     _cfg['v2_entrypoint'] = _name  # bcos.models.pretrained.<name>, torch.hub.load('B-cos/B-cos-v2', <name>)
 
 
-class V2StateDictError(ValueError):
+class V2StateDictError(CheckpointMismatchError, ValueError):
     """A B-cos v2 state dict that does not fit the model: names every unexpected, missing and
     mis-shaped key (after renaming to our keys)."""
 
@@ -234,12 +235,12 @@ def _signature(keys_shapes: Dict[str, Tuple[int, ...]], family: str) -> Optional
         bottleneck = any(k.startswith('layer1.0.conv3.') for k in keys)
         return (stages, tuple(conv2[:2])) + (('bottleneck',) if bottleneck else ())
     if family == 'densenet':
-        blocks = tuple(len({m.group(1) for k in keys for m in [re.match(rf'^features\.denseblock{b}\.denselayer(\d+)\.', k)]
-                            if m}) for b in range(1, 5))
+        blocks = tuple(len(_module_index_order(keys, f'features.denseblock{b}.denselayer')) for b in range(1, 5))
         conv0 = next((keys_shapes[k] for k in (f'features.conv0{_LINEAR}', 'features.conv0.weight') if k in keys), None)
         return (blocks, conv0[0]) if conv0 is not None and all(blocks) else None
     if family == 'vgg':
-        return (sum(1 for k in keys if re.match(r'^features\.\d+\.(linear\.)?weight$', k) and len(keys_shapes[k]) == 4),)
+        convs = [k for k in keys if re.match(r'^features\.\d+\.(linear\.)?weight$', k) and len(keys_shapes[k]) == 4]
+        return (len(convs),)
     return None
 
 
@@ -256,7 +257,8 @@ def guess_v2_arch(state_dict: Dict[str, Tensor]) -> Optional[str]:
     return None
 
 
-def map_v2_state_dict(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
+def map_v2_state_dict(state_dict: Dict[str, Tensor], model: nn.Module, *,
+                      allow_new_head: bool = False) -> Dict[str, Tensor]:
     """Rename a B-cos v2 state dict to the keys of `model` (built by `create_v2_model`) and validate it.
 
     v2 keys ``<conv>.linear.weight`` become ``<conv>.weight`` (same layout; MaxOut units are
@@ -271,7 +273,12 @@ def map_v2_state_dict(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[s
     Every key must be used and every model key provided, with equal shapes; otherwise
     `V2StateDictError` (a ValueError) lists the unexpected, missing and mis-shaped keys (our names)
     with a hint at the checkpoint's architecture / class count. The returned dict holds the same
-    tensor objects. Usable as timm's ``pretrained_filter_fn(state_dict, model)``.
+    tensor objects (but reordered MaxOut weights). Usable as timm's
+    ``pretrained_filter_fn(state_dict, model)``.
+
+    ``allow_new_head=True`` (fine-tuning: the model was built for another class count) drops the
+    checkpoint's classifier weight when only its class count differs, so the model keeps its new
+    classifier (load with ``strict=False``, or let timm do it); everything else is still strict.
     """
     from .layers import BcosConv2d, from_reference_layout
 
@@ -296,8 +303,14 @@ def map_v2_state_dict(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[s
     else:
         mapped, sources = dict(state_dict), {k: k for k in keys}
 
+    head_key = _classifier_key(family, model)
+    new_head = (allow_new_head and head_key in mapped and head_key in expected
+                and tuple(mapped[head_key].shape)[1:] == expected[head_key][1:]
+                and tuple(mapped[head_key].shape) != expected[head_key])
+    if new_head:
+        del mapped[head_key]
     unexpected = sorted(set(mapped) - set(expected))
-    missing = sorted(set(expected) - set(mapped))
+    missing = sorted(set(expected) - set(mapped) - ({head_key} if new_head else set()))
     mismatched = [f'{k} (checkpoint {sources[k]!r}): {tuple(mapped[k].shape)} vs model {expected[k]}'
                   for k in mapped if k in expected and tuple(mapped[k].shape) != expected[k]]
     if unexpected or missing or mismatched:
@@ -312,13 +325,16 @@ def map_v2_state_dict(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[s
     return mapped
 
 
+def _classifier_key(family: str, model: nn.Module) -> str:
+    return 'head.fc.fc.weight' if family == 'vgg' else f'{model.bcos_cfg["classifier"]}.fc.weight'
+
+
 def _listed(what: str, items: Sequence[str]) -> str:
     more = f' ... (+{len(items) - _MAX_LISTED} more)' if len(items) > _MAX_LISTED else ''
     return f'{len(items)} {what}: {", ".join(items[:_MAX_LISTED])}{more}'
 
 
 def _mismatch_message(state_dict, model, family, unexpected, missing, mismatched, sources) -> str:
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     arch = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
     parts = [_listed(what, items) for what, items in (('unexpected keys', unexpected), ('missing keys', missing),
@@ -328,12 +344,12 @@ def _mismatch_message(state_dict, model, family, unexpected, missing, mismatched
     if ckpt_arch != model_arch and (ckpt_arch or model_arch):
         hints.append(f'the checkpoint looks like B-cos v2 {ckpt_arch or "<unknown architecture>"}, '
                      f'the model like {model_arch or "<no v2 architecture>"}')
-    head_key = 'head.fc.fc.weight' if family == 'vgg' else f'{model.bcos_cfg["classifier"]}.fc.weight'
+    head_key = _classifier_key(family, model)
     if head_key in sources and head_key in ours:
         c_ckpt, c_model = tuple(state_dict[sources[head_key]].shape)[0], ours[head_key][0]
         if c_ckpt != c_model:
             hints.append(f'the checkpoint has {c_ckpt} classes, the model {c_model}: build it with '
-                         f'num_classes={c_ckpt} (then reset_classifier to fine-tune)')
+                         f'num_classes={c_ckpt}, or pass allow_new_head=True to fine-tune a new classifier')
     return (f'B-cos v2 checkpoint does not fit {arch}: ' + '; '.join(parts) +
             ('. ' + '; '.join(hints) if hints else '') + '.')
 
