@@ -37,12 +37,13 @@ _PAPER = dict(paper_name='B-cos Networks: Alignment is All We Need for Interpret
 def _converted_cfg(base: str, **kwargs) -> Dict[str, Any]:
     """pretrained_cfg of a converted timm architecture: timm's, with the 6-channel input.
 
-    mean/std are the identity on [0, 1] images: the [x, 1-x] encoding (`timm_bcos.AddInverse`,
-    added by `timm_bcos.create_transform`) replaces the normalisation.
+    mean/std are one-value identities on [0, 1] images: the [x, 1-x] encoding (`timm_bcos.AddInverse`,
+    added by `timm_bcos.create_transform`) replaces the normalisation, and a single value fits both
+    timm's Normalize on 3-channel images and its channel checks for a 6-channel model.
     """
     cfg = get_pretrained_cfg(base)
     out = dict(url='', num_classes=1000, input_size=(6,) + tuple(cfg.input_size[1:]), pool_size=cfg.pool_size,
-               crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, mean=(0.0,) * 3, std=(1.0,) * 3,
+               crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, mean=(0.0,), std=(1.0,),
                first_conv=cfg.first_conv, classifier=cfg.classifier, license='apache-2.0', **_PAPER)
     if cfg.min_input_size:
         out['min_input_size'] = (6,) + tuple(cfg.min_input_size[1:])
@@ -65,7 +66,7 @@ def _v2_cfg(name: str) -> Dict[str, Any]:
 
 def _simple_cifar_cfg(**kwargs) -> Dict[str, Any]:
     return dict(url='', num_classes=10, input_size=(6, 32, 32), pool_size=(8, 8), crop_pct=1.0,
-                interpolation='bilinear', mean=(0.0,) * 3, std=(1.0,) * 3, first_conv='features.0',
+                interpolation='bilinear', mean=(0.0,), std=(1.0,), first_conv='features.0',
                 classifier='classifier', license='apache-2.0', **_PAPER, **kwargs)
 
 

@@ -2,6 +2,8 @@
 
     timm-bcos explain IMAGE... --model NAME|local-dir:PATH|hf-hub:ID [--checkpoint FILE]
                      [--target C | --topk K] [--layer L --neuron N] --out DIR
+    timm-bcos publish RUN_DIR --repo-id ORG/NAME [--private] [--dry-run --out DIR] [--image PNG ...]
+    timm-bcos pull ORG/NAME --out DIR
     timm-bcos coverage [--models NAME ...] [--out conversion/coverage.md]
     timm-bcos demo [--steps 300]
 """
@@ -27,14 +29,25 @@ def main(argv: Optional[List[str]] = None) -> None:
     what.add_argument('--layer', help='explain a neuron of this module (with --neuron)')
     ex.add_argument('--neuron', type=int, help='channel of --layer to explain')
     ex.add_argument('--out', required=True, help='output folder')
+    pub = sub.add_parser('publish', help='write a Hub repo folder (weights, config, model card) and upload it')
+    pub.add_argument('run_dir', help='a folder with config.json + model.safetensors (e.g. a train run)')
+    pub.add_argument('--repo-id', required=True)
+    pub.add_argument('--private', action='store_true')
+    pub.add_argument('--dry-run', action='store_true', help='only write the folder')
+    pub.add_argument('--out', help='where to write the folder (default: a temporary folder)')
+    pub.add_argument('--no-weights', action='store_true', help='card and config only (no model.safetensors)')
+    pub.add_argument('--image', action='append', help="example image(s) for the card's explanation")
+    pull = sub.add_parser('pull', help="download a published model's files")
+    pull.add_argument('repo_id')
+    pull.add_argument('--out', required=True)
     sub.add_parser('coverage', help='convert timm architectures and check Eq. 13 (writes a report)',
                    add_help=False)
     sub.add_parser('demo', help='train a small B-cos net on digits and check Eq. 13', add_help=False)
     args, rest = parser.parse_known_args(argv)
-    if args.command == 'explain':
+    if args.command in ('explain', 'publish', 'pull'):
         if rest:
             parser.error(f'unrecognized arguments: {" ".join(rest)}')
-        _explain(args)
+        {'explain': _explain, 'publish': _publish, 'pull': _pull}[args.command](args)
         return
     if args.command == 'coverage':
         from .coverage import main as run
@@ -59,6 +72,20 @@ def _explain(args: argparse.Namespace) -> None:
         print(f'{r["image"]}: prediction {label}  explained {r["targets"]}  '
               f'Eq. 13 error {"n/a" if err is None else f"{err:.1e}"}  -> {r["png"]}')
     print(f'results: {args.out}/results.json')
+
+
+def _publish(args: argparse.Namespace) -> None:
+    from .hub import publish
+
+    where = publish(args.run_dir, args.repo_id, images=args.image, private=args.private, dry_run=args.dry_run,
+                    out_dir=args.out, weights=not args.no_weights)
+    print(f'{"wrote" if args.dry_run else "published"}: {where}')
+
+
+def _pull(args: argparse.Namespace) -> None:
+    from .hub import pull
+
+    print(pull(args.repo_id, args.out))
 
 
 if __name__ == '__main__':

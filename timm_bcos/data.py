@@ -1,13 +1,13 @@
 """Small built-in image datasets as tensors of 3-channel images in [0, 1]."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['load_digits']
+__all__ = ['demo_images', 'load_digits']
 
 
 def load_digits(size: int = 16, test_size: int = 297) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -26,3 +26,12 @@ def load_digits(size: int = 16, test_size: int = 297) -> Tuple[Tensor, Tensor, T
     x = F.interpolate(x, size=size, mode='bilinear', align_corners=False).clamp_(0, 1).repeat(1, 3, 1, 1)
     y = torch.tensor(digits.target, dtype=torch.long)
     return x[:-test_size], y[:-test_size], x[-test_size:], y[-test_size:]
+
+
+def demo_images() -> List[str]:
+    """Paths of the example images shipped in the package (``timm_bcos/pretrained/images``)."""
+    import glob
+    import os
+
+    folder = os.path.join(os.path.dirname(__file__), 'pretrained', 'images')
+    return sorted(glob.glob(os.path.join(folder, '*.png')))

@@ -67,9 +67,9 @@ def attach_bcos_mixin(model: nn.Module, bcos_cfg: Dict[str, Any]) -> nn.Module:
         for key in ('test_input_size', 'min_input_size'):
             if cfg.get(key):
                 cfg[key] = (bcos_cfg['in_chans'],) + tuple(cfg[key][1:])
-        # The image pipeline stops at [0, 1] images (3 channels); the [x, 1-x] encoding replaces the
-        # normalisation (a 6-channel mean would break timm's Normalize on 3-channel images).
-        cfg['mean'], cfg['std'] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        # The image pipeline stops at [0, 1] images; the [x, 1-x] encoding replaces the normalisation.
+        # One value (identity) fits timm's Normalize on 3-channel images and its channel checks.
+        cfg['mean'], cfg['std'] = (0.0,), (1.0,)
         model.pretrained_cfg = cfg
         if hasattr(model, 'default_cfg'):
             model.default_cfg = cfg

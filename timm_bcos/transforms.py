@@ -27,5 +27,8 @@ def create_transform(model: nn.Module, is_training: bool = False, **overrides: A
     import timm.data
     from torchvision import transforms
 
+    # The encoding replaces any normalisation; timm's save_for_hf widens a one-value mean/std to the
+    # model's 6 channels, which its Normalize cannot apply to 3-channel images.
+    overrides = {'mean': (0.0,), 'std': (1.0,), **overrides}
     config = timm.data.resolve_data_config(overrides, model=model)
     return transforms.Compose([timm.data.create_transform(**config, is_training=is_training), _Encode()])

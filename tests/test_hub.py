@@ -1,0 +1,101 @@
+"""Publishing to the Hub: the dry-run folder, the model card, and a real upload to a local test double."""
+import os
+
+import numpy as np
+import pytest
+import timm
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+
+import timm_bcos
+from timm_bcos.cli import main as cli
+from timm_bcos.hub import HubPublishError, publish
+
+from hub_double import HubDouble
+
+METRICS = dict(test_accuracy=0.912, dataset='fashion_mnist', recipe=dict(epochs=3, lr=1e-3))
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return timm.create_model('bcos_simple_cifar_tiny', num_classes=10).eval()
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f'example{i}.png'))
+        Image.fromarray((rng.random((28, 28, 3)) * 255).astype('uint8')).save(paths[-1])
+    return paths
+
+
+def _same(a, b, x):
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    ea, eb = timm_bcos.explain(a, x, k=2), timm_bcos.explain(b, x, k=2)
+    assert torch.equal(ea.weights, eb.weights) and torch.equal(ea.targets, eb.targets)
+
+
+def test_dry_run_folder_loads_back(model, images, tmp_path):
+    out = publish(model, 'testorg/bcos-tiny', metrics=METRICS, images=images, dry_run=True, out_dir=str(tmp_path / 'repo'))
+    assert sorted(os.listdir(out)) == ['README.md', 'config.json', 'explanation.png', 'model.safetensors']
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    _same(model, loaded, torch.rand(3, 6, 32, 32))
+    card = ModelCard.load(os.path.join(out, 'README.md'))
+    data = card.data.to_dict()
+    assert data['library_name'] == 'timm' and data['license'] == 'apache-2.0'
+    assert {'image-classification', 'interpretability', 'b-cos'} <= set(data['tags'])
+    assert data['datasets'] == ['fashion_mnist'] and data['metrics'] == ['accuracy']
+    assert card.data.eval_results[0].metric_value == pytest.approx(0.912)
+    text = card.text
+    assert "timm.create_model('hf-hub:testorg/bcos-tiny', pretrained=True)" in text and 'import timm_bcos' in text
+    assert 'explanation.png' in text and '@inproceedings{bohle2022bcos' in text
+    assert '| test_accuracy | 0.912 |' in text and '| lr | 0.001 |' in text
+    assert 'B = 2.0, MaxOut 2' in text
+
+
+def test_run_folder_and_no_weights(model, images, tmp_path):
+    timm.models.save_for_hf(model, str(tmp_path / 'run'), safe_serialization=True)
+    (tmp_path / 'run' / 'results.json').write_text('{"test_accuracy": 0.9, "dataset": "digits"}')
+    cli(['publish', str(tmp_path / 'run'), '--repo-id', 'testorg/x', '--dry-run', '--out', str(tmp_path / 'card'),
+         '--no-weights', '--image', images[0]])
+    assert sorted(os.listdir(tmp_path / 'card')) == ['README.md', 'config.json', 'explanation.png']
+    assert ModelCard.load(str(tmp_path / 'card' / 'README.md')).data.datasets == ['digits']
+
+
+def test_upload_and_load_back_through_the_hub_api(model, images, tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    with HubDouble(owner='testorg') as hub:
+        url = publish(model, 'testorg/bcos-tiny', metrics=METRICS, images=images, token='hf_test',
+                      endpoint=hub.url, out_dir=str(tmp_path / 'repo'))
+        assert url.startswith(f'{hub.url}/testorg/bcos-tiny/commit/')
+        assert set(hub.repos['testorg/bcos-tiny']['files']) == {'README.md', 'config.json', 'explanation.png',
+                                                                 'model.safetensors'}
+        monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+        monkeypatch.setattr(constants, 'ENDPOINT', hub.url)
+        monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', hub.url + '/{repo_id}/resolve/{revision}/{filename}')
+        loaded = timm.create_model('hf-hub:testorg/bcos-tiny', pretrained=True, cache_dir=str(tmp_path / 'cache'))
+        _same(model, loaded.eval(), torch.rand(2, 6, 32, 32))
+        with pytest.raises(HubPublishError, match='no write access to someoneelse/repo.*403'):
+            publish(model, 'someoneelse/repo', images=images, token='hf_test', endpoint=hub.url,
+                    out_dir=str(tmp_path / 'other'))
+
+
+def test_clear_errors(model, images, tmp_path, monkeypatch):
+    monkeypatch.delenv('HF_TOKEN', raising=False)
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf_home'))
+    import huggingface_hub.constants as constants
+    monkeypatch.setattr(constants, 'HF_TOKEN_PATH', str(tmp_path / 'hf_home' / 'token'))
+    monkeypatch.setattr(constants, 'HF_STORED_TOKENS_PATH', str(tmp_path / 'hf_home' / 'stored_tokens'))
+    with pytest.raises(HubPublishError, match='no Hugging Face token.*dry-run'):
+        publish(model, 'testorg/x', images=images, out_dir=str(tmp_path / 'a'))
+    with pytest.raises(HubPublishError, match='cannot reach the Hub.*--dry-run'):
+        publish(model, 'testorg/x', images=images, token='hf_test', endpoint='http://127.0.0.1:9',
+                out_dir=str(tmp_path / 'b'))
+    with pytest.raises(FileNotFoundError, match='no config.json'):
+        publish(str(tmp_path), 'testorg/x', dry_run=True)

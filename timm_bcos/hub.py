@@ -1,0 +1,199 @@
+"""Publish B-cos models to the Hugging Face Hub with a generated model card.
+
+`publish` writes the folder a Hub repo needs -- timm's ``config.json``, ``model.safetensors`` (never
+a pickle), a ``README.md`` model card rendered from ``templates/model_card.md`` with the run's real
+numbers, and an explanation PNG -- then uploads it with ``huggingface_hub`` (or stops there with
+``dry_run=True``). The repo loads back with ``timm.create_model('hf-hub:ORG/NAME', pretrained=True)``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+__all__ = ['HubPublishError', 'publish', 'render_model_card', 'pull']
+
+_TEMPLATE = os.path.join(os.path.dirname(__file__), 'templates', 'model_card.md')
+_EXPLANATION_PNG = 'explanation.png'
+
+
+class HubPublishError(RuntimeError):
+    """Publishing failed: no token, no network, or no write access to the repo."""
+
+
+def _load(model_or_dir: Union[nn.Module, str, os.PathLike]) -> tuple:
+    """The model and the run's results (``results.json`` of a training run folder, if any)."""
+    if isinstance(model_or_dir, nn.Module):
+        return model_or_dir.eval(), {}
+    import timm
+
+    path = os.fspath(model_or_dir)
+    if not os.path.exists(os.path.join(path, 'config.json')):
+        raise FileNotFoundError(f'{path} is not a model folder: no config.json (expected timm save_for_hf output '
+                                f'or a timm-bcos train run)')
+    results_path = os.path.join(path, 'results.json')
+    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+    return timm.create_model(f'local-dir:{path}', pretrained=True).eval(), results
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f'{value:.4g}' if math.isfinite(value) else 'n/a'
+    return str(value)
+
+
+def render_model_card(model: nn.Module, repo_id: str, metrics: Optional[Dict[str, Any]] = None,
+                      explanation_png: Optional[str] = _EXPLANATION_PNG) -> 'ModelCard':
+    """The model card: YAML metadata (library timm, tags, license, datasets, metrics) and a body
+    with the architecture, B-cos design, recipe, results, usage code and the paper's citation."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    metrics = dict(metrics or {})
+    cfg = model.pretrained_cfg
+    bcos = getattr(model, 'bcos_cfg', {})
+    dataset = metrics.pop('dataset', None)
+    recipe = metrics.pop('recipe', {}) or {}
+    accuracy = metrics.get('test_accuracy')
+    name = repo_id.split('/')[-1]
+    eval_results = None
+    if accuracy is not None and dataset:
+        eval_results = [EvalResult(task_type='image-classification', dataset_type=dataset, dataset_name=dataset,
+                                   metric_type='accuracy', metric_value=float(accuracy))]
+    data = ModelCardData(
+        library_name='timm', license=cfg.get('license', 'apache-2.0'), pipeline_tag='image-classification',
+        tags=['image-classification', 'interpretability', 'b-cos', 'timm'],
+        datasets=[dataset] if dataset else None, metrics=['accuracy'] if accuracy is not None else None,
+        model_name=name, eval_results=eval_results)
+    labels = cfg.get('label_names')
+    return ModelCard.from_template(
+        data, template_path=_TEMPLATE, title=name, repo_id=repo_id, architecture=cfg.get('architecture'),
+        params=f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M', b=bcos.get('b', '-'),
+        max_out=bcos.get('max_out', '-'), norm=bcos.get('norm', '-'), head=bcos.get('head', '-'),
+        logit_bias=_fmt(bcos.get('logit_bias')), input_size=tuple(cfg.get('input_size', ())),
+        num_classes=getattr(model, 'num_classes', cfg.get('num_classes')),
+        label_names=', '.join(labels) if labels else None, dataset=dataset or 'not recorded',
+        recipe={k: _fmt(v) for k, v in recipe.items()},
+        results={k: _fmt(v) for k, v in metrics.items()} or {'not evaluated': '-'},
+        explanation_png=explanation_png)
+
+
+def _explanation_png(model: nn.Module, images: Sequence[str], path: str) -> None:
+    from PIL import Image
+
+    from .explain import explain
+    from .transforms import create_transform
+
+    transform = create_transform(model)
+    batch = []
+    for image in images:
+        with Image.open(image) as im:
+            batch.append(transform(im.convert('RGB')))
+    explain(model, torch.stack(batch), k=min(2, getattr(model, 'num_classes', 2))).save(path)
+
+
+def publish(
+        model_or_dir: Union[nn.Module, str, os.PathLike],
+        repo_id: str,
+        *,
+        metrics: Optional[Dict[str, Any]] = None,
+        images: Optional[Sequence[str]] = None,
+        private: bool = False,
+        token: Optional[str] = None,
+        dry_run: bool = False,
+        out_dir: Optional[str] = None,
+        weights: bool = True,
+        endpoint: Optional[str] = None,
+) -> str:
+    """Write a Hub repo folder for a B-cos model and upload it.
+
+    Args:
+        model_or_dir: a model, or a folder with ``config.json`` + ``model.safetensors`` (a training run:
+            its ``results.json`` fills the card).
+        repo_id: ``ORG/NAME`` on the Hub.
+        metrics: numbers for the card (``test_accuracy``, ``pointing_game``, ``train_seconds``, ...,
+            ``dataset`` and a ``recipe`` dict); merged over the run's results.
+        images: example images for the card's explanation PNG (default: the package's demo images).
+        private: create the repo private.
+        token: Hub token (default: ``HF_TOKEN`` or the saved login).
+        dry_run: only write the folder (to `out_dir`, or a temporary folder whose path is returned).
+        out_dir: where the folder is written (replaced atomically).
+        weights: include ``model.safetensors`` (False: card and config only, e.g. for ``hub_cards/``).
+        endpoint: Hub endpoint (default: ``HF_ENDPOINT``).
+
+    Returns:
+        The folder written (dry run) or the URL of the commit.
+    """
+    import timm
+
+    model, results = _load(model_or_dir)
+    card_metrics = {**results, **(metrics or {})}
+    if images is None:
+        from .data import demo_images
+        images = demo_images()
+    final = os.path.abspath(out_dir) if out_dir else tempfile.mkdtemp(prefix='timm-bcos-publish-')
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    work = tempfile.mkdtemp(prefix='.publish-', dir=os.path.dirname(final))
+    try:
+        timm.models.save_for_hf(model, work, safe_serialization=True)
+        if not weights:
+            os.remove(os.path.join(work, 'model.safetensors'))
+        png = None
+        if images:
+            _explanation_png(model, images, os.path.join(work, _EXPLANATION_PNG))
+            png = _EXPLANATION_PNG
+        render_model_card(model, repo_id, card_metrics, png).save(os.path.join(work, 'README.md'))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(work, final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if dry_run:
+        return final
+    return _upload(final, repo_id, private=private, token=token, endpoint=endpoint)
+
+
+def _upload(folder: str, repo_id: str, *, private: bool, token: Optional[str], endpoint: Optional[str]) -> str:
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    token = token or os.environ.get('HF_TOKEN') or get_token()
+    if not token:
+        raise HubPublishError('no Hugging Face token: pass token=..., set HF_TOKEN, or log in with `hf auth login`. '
+                              f'The repo folder was written to {folder} (dry_run=True / --dry-run only writes it).')
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message='Upload B-cos model (timm-bcos)')
+    except HfHubHTTPError as e:
+        status = getattr(e.response, 'status_code', None)
+        if status in (401, 403):
+            raise HubPublishError(f'no write access to {repo_id} on {api.endpoint} (HTTP {status}): the repo belongs '
+                                  f'to someone else or the token lacks write rights. Folder: {folder}') from e
+        raise HubPublishError(f'the Hub refused the upload of {repo_id} (HTTP {status}): {e}. Folder: {folder}') from e
+    except Exception as e:
+        if not _is_connection_error(e):
+            raise
+        raise HubPublishError(f'cannot reach the Hub at {api.endpoint}: {type(e).__name__}: {e}. dry_run=True '
+                              f'(--dry-run) writes the folder without uploading; it is at {folder}.') from e
+    return str(info.commit_url if hasattr(info, 'commit_url') else info)
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    """No network / DNS / refused connection, whatever HTTP client huggingface_hub uses."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return isinstance(e, OSError) or bool(names & {'ConnectError', 'ConnectTimeout', 'NetworkError', 'TransportError',
+                                                    'ConnectionError'})
+
+
+def pull(repo_id: str, out_dir: str, revision: Optional[str] = None) -> str:
+    """Download a published repo's files (config, weights, card) to `out_dir`."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id, revision=revision, local_dir=out_dir)
