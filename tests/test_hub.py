@@ -70,13 +70,14 @@ def test_run_folder_and_no_weights(model, images, tmp_path):
 def test_upload_and_load_back_through_the_hub_api(model, images, tmp_path, monkeypatch):
     import huggingface_hub.constants as constants
 
+    # make test runs with HF_HUB_OFFLINE=1; this test talks to its own local server only
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
     with HubDouble(owner='testorg') as hub:
         url = publish(model, 'testorg/bcos-tiny', metrics=METRICS, images=images, token='hf_test',
                       endpoint=hub.url, out_dir=str(tmp_path / 'repo'))
         assert url.startswith(f'{hub.url}/testorg/bcos-tiny/commit/')
         assert set(hub.repos['testorg/bcos-tiny']['files']) == {'README.md', 'config.json', 'explanation.png',
                                                                  'model.safetensors'}
-        monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
         monkeypatch.setattr(constants, 'ENDPOINT', hub.url)
         monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', hub.url + '/{repo_id}/resolve/{revision}/{filename}')
         loaded = timm.create_model('hf-hub:testorg/bcos-tiny', pretrained=True, cache_dir=str(tmp_path / 'cache'))

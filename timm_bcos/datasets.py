@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 __all__ = ['DIGITS_CLASSES', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_DIR', 'DataSplits', 'ImageFolderDataset', 'KeyedSubset',
-           'SeededSampler', 'TensorImageDataset', 'build_datasets', 'load_fashion_mnist']
+           'SeededSampler', 'TensorImageDataset', 'build_datasets', 'count_classes', 'load_fashion_mnist']
 
 #: Where Debian's ``dataset-fashion-mnist`` installs the gzip idx files; ``TIMM_BCOS_FASHION_MNIST``
 #: overrides it (a folder with the same four files, e.g. downloaded from the Fashion-MNIST repository).
@@ -31,6 +31,7 @@ FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker',
                          'Bag', 'Ankle boot')
 DIGITS_CLASSES = tuple(str(i) for i in range(10))
+_BUILTIN = {'digits': DIGITS_CLASSES, 'fashion-mnist': FASHION_MNIST_CLASSES}
 _FASHION_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz', 't10k-images-idx3-ubyte.gz',
                   't10k-labels-idx1-ubyte.gz')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
@@ -299,6 +300,19 @@ def _image_folder_splits(path: Path, img_size: int, augment: bool, auto_augment:
                       f'image folder {how}: {len(train_samples)} train / {len(test_samples)} test images')
 
 
+def count_classes(data: str) -> int:
+    """The class count of a data source, without reading its images."""
+    if data in _BUILTIN:
+        return len(_BUILTIN[data])
+    path = Path(data).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"data must be 'digits', 'fashion-mnist' or a folder of class subfolders; {data!r} is "
+                         f"none of these")
+    folder = path / 'train' if (path / 'train').is_dir() and any(
+        (path / d).is_dir() for d in ('val', 'validation', 'test')) else path
+    return sum(1 for d in folder.iterdir() if d.is_dir() and not d.name.startswith('.'))
+
+
 def build_datasets(data: str, img_size: int, augment: bool = True, auto_augment: Optional[str] = None,
                    interpolation: str = 'bilinear', crop_pct: float = 1.0, seed: int = 0,
                    val_fraction: float = 0.1) -> DataSplits:
@@ -320,7 +334,7 @@ def build_datasets(data: str, img_size: int, augment: bool = True, auto_augment:
         return DataSplits(TensorImageDataset(xtr, ytr, pad=pad, classes=DIGITS_CLASSES),
                           TensorImageDataset(xte, yte, classes=DIGITS_CLASSES), DIGITS_CLASSES,
                           f'scikit-learn digits at {img_size} px: {len(xtr)} train / {len(xte)} test images')
-    if data in ('fashion-mnist', 'fashion_mnist', 'fashionmnist'):
+    if data == 'fashion-mnist':
         xtr, ytr, xte, yte = load_fashion_mnist(img_size)
         return DataSplits(TensorImageDataset(xtr, ytr, pad=pad, flip=augment, classes=FASHION_MNIST_CLASSES),
                           TensorImageDataset(xte, yte, classes=FASHION_MNIST_CLASSES), FASHION_MNIST_CLASSES,

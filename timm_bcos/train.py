@@ -213,17 +213,12 @@ def _use_cpu(config: TrainConfig) -> bool:
     return not torch.cuda.is_available()
 
 
-def _default_img_size(name: str, kwargs: Dict[str, Any]) -> Optional[int]:
+def _default_img_size(pretrained_cfg: Dict[str, Any], kwargs: Dict[str, Any]) -> Optional[int]:
     if kwargs.get('img_size') is not None:
         size = kwargs['img_size']
         return int(size if isinstance(size, int) else size[-1])
-    from timm.models import get_pretrained_cfg
-
-    try:
-        cfg = get_pretrained_cfg(name)
-    except Exception:
-        cfg = None
-    return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else None
+    size = pretrained_cfg.get('input_size')
+    return int(size[-1]) if size else None
 
 
 # --- checkpoint files -----------------------------------------------------------------------------
@@ -400,7 +395,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     from . import bcos_models  # noqa: F401  (registers the bcos_* names)
-    from .datasets import SeededSampler, build_datasets
+    from .datasets import SeededSampler, build_datasets, count_classes
 
     cfg = config
     out = Path(cfg.output)
@@ -428,7 +423,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
             _recover_checkpoint(out)
-        else:
+        if not (cfg.resume and ckpt.exists()):
             for p in (ckpt, out / (CHECKPOINT + '.old'), out / (CHECKPOINT + '.tmp')):
                 if p.exists():
                     shutil.rmtree(p)
@@ -440,31 +435,27 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         _check_compatible(resume_state, cfg, ckpt / STATE_FILE)
 
     # Data and model
-    img_size = cfg.img_size or _default_img_size(cfg.model, cfg.model_kwargs)
+    # Model first (its pretrained_cfg gives the default input size and the eval transform), with
+    # the class count of the data source; then the data at that size.
+    num_classes = cfg.num_classes or count_classes(cfg.data)
+    set_seed(cfg.seed)  # the same initial weights on every process
+    model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **cfg.model_kwargs)
+    pcfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+    in_chans = int(cfg.model_kwargs.get('in_chans') or (pcfg.get('input_size') or (3,))[0])
+    if in_chans not in (3, 6):
+        raise ValueError(f'{cfg.model} takes {in_chans} input channels: only 3 (RGB in [0, 1]) or 6 (the B-cos '
+                         f'encoding [x, 1-x]) are supported')
+    img_size = cfg.img_size or _default_img_size(pcfg, cfg.model_kwargs)
     if img_size is None:
         raise ValueError(f'cannot tell the input size of {cfg.model}: set img_size')
-    pcfg = {}
-    try:
-        from timm.models import get_pretrained_cfg
-        pc = get_pretrained_cfg(cfg.model)
-        pcfg = pc.to_dict() if pc is not None else {}
-    except Exception:
-        pass
     interpolation = pcfg.get('interpolation') or 'bilinear'
     crop_pct = pcfg.get('crop_pct') or 1.0
     data = build_datasets(cfg.data, img_size, augment=cfg.augment, auto_augment=cfg.auto_augment,
                           interpolation=interpolation, crop_pct=crop_pct, seed=cfg.seed)
+    if data.num_classes != num_classes:
+        raise ValueError(f'num_classes={num_classes}, but {cfg.data} has {data.num_classes} classes')
     if cfg.train_subset:
         data.limit_train(cfg.train_subset, seed=cfg.seed)
-    num_classes = data.num_classes
-    if cfg.num_classes is not None and cfg.num_classes != num_classes:
-        raise ValueError(f'num_classes={cfg.num_classes}, but {cfg.data} has {num_classes} classes')
-    set_seed(cfg.seed)  # the same initial weights on every process
-    model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **cfg.model_kwargs)
-    in_chans = int(cfg.model_kwargs.get('in_chans') or model.pretrained_cfg.get('input_size', (3,))[0])
-    if in_chans not in (3, 6):
-        raise ValueError(f'{cfg.model} takes {in_chans} input channels: only 3 (RGB in [0, 1]) or 6 (the B-cos '
-                         f'encoding [x, 1-x]) are supported')
 
     train_sampler = SeededSampler(len(data.train), seed=cfg.seed)
     loader_kw = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
@@ -625,6 +616,13 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                            mean=(0.0,) * (3 if in_chans == 3 else 1), std=(1.0,) * (3 if in_chans == 3 else 1))
         timm.models.save_for_hf(unwrapped, out, model_config=dict(label_names=list(data.classes)),
                                 safe_serialization=True, data_config=data_config)
+        if in_chans == 6:
+            # timm writes mean/std with one value per *model* input channel (6); the images they
+            # apply to have 3 (the encoding comes after): keep the registry's 3-value form, which
+            # timm_bcos.create_transform and timm's transforms take
+            hf_config = json.loads((out / 'config.json').read_text())
+            hf_config['pretrained_cfg'].update(mean=[0.0] * 3, std=[1.0] * 3)
+            _write_json_atomic(out / 'config.json', hf_config)
         _write_json_atomic(out / RESULTS_FILE, dict(
             metrics=results, history=history, config=cfg.to_dict(),
             recipe=dict(optimizer='Adam', effective_lr=cfg.effective_lr, images_per_step=cfg.batch_size *
