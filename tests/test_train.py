@@ -336,6 +336,15 @@ def test_cli(tmp_path, capsys):
         main(['--data', 'digits', '--output', str(out)])
     with pytest.raises(SystemExit, match='lr'):
         main(['--lr', '-1', '--output', str(tmp_path / 'new')])
+    # a run's config is a recipe: the same settings, command-line options win; via `timm-bcos train`
+    _reset_accelerate()
+    from timm_bcos.cli import main as cli
+    cli(['train', '--config', str(out / 'results.json'), '--output', str(tmp_path / 'again'), '--seed', '3'])
+    again = json.loads((tmp_path / 'again' / 'results.json').read_text())['config']
+    assert again == {**saved, 'output': str(tmp_path / 'again'), 'seed': 3}
+    (tmp_path / 'bad.json').write_text('{"epochz": 3}')
+    with pytest.raises(SystemExit, match='epochz'):
+        main(['--config', str(tmp_path / 'bad.json'), '--output', str(tmp_path / 'x')])
 
 
 # --- several processes -----------------------------------------------------------------------

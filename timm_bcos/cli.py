@@ -5,6 +5,8 @@
     timm-bcos publish RUN_DIR --repo-id ORG/NAME [--private] [--dry-run --out DIR] [--image PNG ...]
     timm-bcos pull ORG/NAME --out DIR
     timm-bcos coverage [--models NAME ...] [--out conversion/coverage.md]
+    timm-bcos train --model NAME --data digits|fashion-mnist|DIR --output DIR [options]  (see --help)
+    timm-bcos evaluate --model NAME --baseline NAME --data fashion-mnist --grid 3 --n 500 --out DIR  (see --help)
     timm-bcos demo [--steps 300]
 """
 from __future__ import annotations
@@ -42,7 +44,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     pull.add_argument('--out', required=True)
     sub.add_parser('coverage', help='convert timm architectures and check Eq. 13 (writes a report)',
                    add_help=False)
-    sub.add_parser('demo', help='train a small B-cos net on digits and check Eq. 13', add_help=False)
+    sub.add_parser('train', help='train with accelerate (checkpoints, --resume, final local-dir: folder)',
+                   add_help=False)
+    sub.add_parser('evaluate', help='grid pointing game of B-cos vs post-hoc explanations (tables, plots)',
+                   add_help=False)
+    sub.add_parser('demo', help='explain the shipped Fashion-MNIST model and check Eq. 13', add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command in ('explain', 'publish', 'pull'):
         if rest:
@@ -51,6 +57,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     if args.command == 'coverage':
         from .coverage import main as run
+    elif args.command == 'train':
+        from .train import main as run
+    elif args.command == 'evaluate':
+        from .evaluate import main as run
     else:
         from .demo import main as run
     run(rest)

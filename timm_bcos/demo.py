@@ -1,60 +1,106 @@
-"""`make demo`: train a small B-cos network on scikit-learn's digits and check Eq. 13 on it.
+"""`make demo`: explain the shipped images with the shipped model, offline, through the explain CLI.
 
-    python -m timm_bcos.demo [--steps 300] [--seed 0]
+    python -m timm_bcos.demo [--model bcos_simple_cifar_tiny.fashion_mnist] [--out out/demo]
 
-Offline, about 10 s on 2 CPU cores. Prints the test accuracy and the dynamic-linearity error
-``max |sum(W(x) * x) + b - f(x)| / max |f(x) - b|`` in float32 and float64.
+The model is ``bcos_simple_cifar_tiny.fashion_mnist`` (weights in the package, trained on
+Fashion-MNIST); the images are ``timm_bcos/pretrained/images/*.png`` (Fashion-MNIST test images,
+named ``NN_<class>.png``). Runs ``timm-bcos explain`` on them (one PNG per image), then writes an
+overview of all images with their explanations and checks Eq. 13 in float64.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import re
 import time
+from typing import List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from .data import load_digits
-from .layers import AddInverse
-from .linearity import check_dynamic_linearity
-from .models import BcosSimpleNet
+from .data import demo_images
+
+DEFAULT_MODEL = 'bcos_simple_cifar_tiny.fashion_mnist'
+
+
+def _true_label(path: str, classes: Sequence[str]) -> Optional[str]:
+    """The class in a shipped image's name (``03_ankle_boot.png`` -> 'Ankle boot')."""
+    stem = re.sub(r'^\d+_', '', os.path.splitext(os.path.basename(path))[0])
+    slugs = {re.sub(r'[^a-z0-9]+', '_', c.lower()).strip('_'): c for c in classes}
+    return slugs.get(stem)
+
+
+def _overview(model, images: List[str], results: List[dict], path: str) -> None:
+    """One picture: every image above its explanation (the paper's colour visualisation, §4)."""
+    from PIL import Image
+
+    from .explain import _matplotlib, explain
+    from .transforms import create_transform
+
+    transform = create_transform(model)
+    x = torch.stack([transform(Image.open(p).convert('RGB')) for p in images])
+    e = explain(model, x)
+    figure, canvas = _matplotlib()
+    cols = 8
+    rows = -(-len(images) // cols)
+    fig = figure.Figure(figsize=(1.6 * cols, 3.5 * rows), layout='constrained')
+    canvas(fig)
+    axes = fig.subplots(2 * rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis('off')
+    for i, r in enumerate(results):
+        top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        top.imshow(x[i, :3].permute(1, 2, 0).numpy())
+        truth = _true_label(r['image'], e.class_names or [])
+        ok = truth is None or truth == r['class_name']
+        top.set_title(f'{r["class_name"]}\n({r["probabilities"][0]:.2f})', fontsize=8,
+                      color='black' if ok else 'red')
+        bottom.imshow(e.to_rgba(index=i))
+    fig.suptitle(f'{model.pretrained_cfg.get("architecture", "")}: predicted class (sigmoid probability) and '
+                 f'its explanation W(x)x; red = wrong', fontsize=9)
+    tmp = path + '.tmp.png'
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--steps', type=int, default=300)
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--model', default=DEFAULT_MODEL)
+    parser.add_argument('--out', default=os.path.join('out', 'demo'))
     args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
     torch.set_flush_denormal(True)
-    encode = AddInverse()
-    x_train, y_train, x_test, y_test = load_digits(size=16)
-    x_train, x_test = encode(x_train), encode(x_test)
-    model = BcosSimpleNet(num_classes=10, widths=(16, 16, 32, 32, 32, 64, 64, 64))
-    params = sum(p.numel() for p in model.parameters())
-    print(f'BcosSimpleNet: 9 B-cos conv layers (B=2, MaxOut 2), {params / 1e3:.0f}k params, '
-          f'digits {len(x_train)} train / {len(x_test)} test at 16 px, 6-channel encoding')
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(args.seed)
+    images = demo_images()
+    if not images:
+        raise SystemExit('timm-bcos demo: no shipped images in timm_bcos/pretrained/images (broken install?)')
+
+    from .cli import main as cli
+    from .linearity import check_dynamic_linearity
+    from .pretrained import load_model
+
+    print(f'$ timm-bcos explain {len(images)} shipped images --model {args.model} --out {args.out}')
     t0 = time.perf_counter()
-    bar = tqdm(range(args.steps), desc='train', unit='step')
-    for _ in bar:
-        idx = torch.randint(0, len(x_train), (64,), generator=generator)
-        loss = F.binary_cross_entropy_with_logits(model(x_train[idx]), F.one_hot(y_train[idx], 10).float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(bce=f'{loss.item():.4f}')
-    train_s = time.perf_counter() - t0
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x_test).argmax(1) == y_test).float().mean().item()
-    err32 = check_dynamic_linearity(model, x_test[:32])
-    err64 = check_dynamic_linearity(copy.deepcopy(model).double(), x_test[:32].double())
-    print(f'test accuracy       {acc:.1%}  ({args.steps} steps, {train_s:.1f} s)')
-    print(f'dynamic linearity   float32 {err32:.1e}   float64 {err64:.1e}   '
-          f'(max |sum(W(x)*x) + b - logit| / max |logit - b|, Eq. 13)')
+    cli(['explain', *images, '--model', args.model, '--out', args.out])
+    seconds = time.perf_counter() - t0
+
+    import json
+    results = json.loads(open(os.path.join(args.out, 'results.json')).read())
+    model = load_model(args.model)
+    classes = model.pretrained_cfg.get('label_names') or []
+    truths = [_true_label(r['image'], classes) for r in results]
+    correct = sum(t == r['class_name'] for t, r in zip(truths, results))
+    overview = os.path.join(args.out, 'overview.png')
+    _overview(model, images, results, overview)
+
+    from PIL import Image
+    from .transforms import create_transform
+    transform = create_transform(model)
+    x = torch.stack([transform(Image.open(p).convert('RGB')) for p in images]).double()
+    err64 = check_dynamic_linearity(copy.deepcopy(model).double(), x)
+    worst = max(r['faithfulness_error'] or 0.0 for r in results)
+    print()
+    print(f'{correct}/{len(results)} shipped images classified correctly; explained in {seconds:.1f} s')
+    print(f'dynamic linearity (Eq. 13): float32 max error {worst:.1e} per image, float64 {err64:.1e}')
+    print(f'explanations: {os.path.abspath(args.out)}/<image>.png, overview: {os.path.abspath(overview)}')
 
 
 if __name__ == '__main__':

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
-__all__ = ['HubPublishError', 'publish', 'render_model_card', 'pull']
+__all__ = ['HubPublishError', 'card_metrics', 'publish', 'render_model_card', 'pull']
 
 _TEMPLATE = os.path.join(os.path.dirname(__file__), 'templates', 'model_card.md')
 _EXPLANATION_PNG = 'explanation.png'
@@ -38,8 +38,34 @@ def _load(model_or_dir: Union[nn.Module, str, os.PathLike]) -> tuple:
         raise FileNotFoundError(f'{path} is not a model folder: no config.json (expected timm save_for_hf output '
                                 f'or a timm-bcos train run)')
     results_path = os.path.join(path, 'results.json')
-    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
-    return timm.create_model(f'local-dir:{path}', pretrained=True).eval(), results
+    with open(results_path) if os.path.exists(results_path) else open(os.devnull) as f:
+        results = json.loads(f.read() or '{}')
+    return timm.create_model(f'local-dir:{path}', pretrained=True).eval(), card_metrics(results)
+
+
+def card_metrics(results: Dict[str, Any]) -> Dict[str, Any]:
+    """The card's numbers from a run's ``results.json``: `timm_bcos.train`'s (metrics, history,
+    recipe, data, config) or an already flat dict of metrics."""
+    if not isinstance(results.get('metrics'), dict):
+        return dict(results)
+    m, history = results['metrics'], results.get('history') or []
+    config, recipe, data = results.get('config') or {}, results.get('recipe') or {}, results.get('data') or {}
+    out = dict(test_accuracy=m.get('test_acc'), test_loss=m.get('test_loss'), test_images=m.get('test_images'),
+               epochs=m.get('epochs_completed'))
+    if history:
+        out['train_seconds'] = round(sum(r.get('seconds', 0.0) for r in history), 1)
+        out['train_images_per_s'] = round(sum(r.get('images_per_s', 0.0) for r in history) / len(history), 1)
+    env = results.get('environment') or {}
+    if env:
+        out['hardware'] = f'{env.get("num_processes", 1)} process(es) on {env.get("device", "?")}'
+    out['dataset'] = config.get('data') or data.get('description')
+    out['recipe'] = dict(optimizer=recipe.get('optimizer'), lr=recipe.get('effective_lr'),
+                         batch=recipe.get('images_per_step'), epochs=config.get('epochs'),
+                         schedule=recipe.get('schedule'), warmup_epochs=config.get('warmup_epochs'),
+                         loss=recipe.get('loss'), augment=config.get('augment'), img_size=data.get('img_size'),
+                         mixed_precision=config.get('mixed_precision'), seed=config.get('seed'))
+    out['recipe'] = {k: v for k, v in out['recipe'].items() if v is not None}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _fmt(value: Any) -> str:

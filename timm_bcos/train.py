@@ -680,6 +680,18 @@ def _parse_kwargs(items: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
+def _read_recipe(path: str) -> Dict[str, Any]:
+    """TrainConfig fields from a JSON file (a recipe, or the ``config`` of a run's results.json)."""
+    with open(path) as f:
+        recipe = json.load(f)
+    recipe = recipe.get('config', recipe) if isinstance(recipe, dict) else recipe
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(recipe, dict) or set(recipe) - known:
+        raise ValueError(f'{path}: not a training recipe (unknown fields '
+                         f'{sorted(set(recipe) - known) if isinstance(recipe, dict) else type(recipe).__name__})')
+    return recipe
+
+
 def _parse_off_label(value: str) -> Union[bool, float]:
     if value.lower() in ('true', 'yes', '1/c'):
         return True
@@ -690,6 +702,8 @@ def build_parser(prog: str = 'timm-bcos train') -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog=prog, description='Train a timm model (B-cos or conventional) with accelerate. '
                                 'Run under `accelerate launch` for several GPUs/nodes.')
+    p.add_argument('--config', metavar='JSON', help='a recipe: TrainConfig fields as JSON (e.g. conversion/recipes/'
+                   '*.json); other options override it')
     p.add_argument('--model', default=d.model, help=f'timm model name (default {d.model})')
     p.add_argument('--model-kwargs', nargs='+', default=[], metavar='KV',
                    help='model arguments: KEY=JSON ... or one JSON object, e.g. widths=[16,16,32,32,32,64,64,64]')
@@ -718,7 +732,7 @@ def build_parser(prog: str = 'timm-bcos train') -> argparse.ArgumentParser:
     p.add_argument('--off-label', type=_parse_off_label, nargs='?', const=True, default=False,
                    help='BCE off-targets: 1/C (no value, B-cos v2) or the given value')
     p.add_argument('--seed', type=int, default=d.seed)
-    p.add_argument('--output', required=True, help='output folder')
+    p.add_argument('--output', help='output folder (required unless the recipe has one)')
     p.add_argument('--resume', action='store_true', help='continue from OUTPUT/checkpoint')
     p.add_argument('--overwrite', action='store_true', help='start afresh in a folder that holds a previous run')
     p.add_argument('--max-steps', type=int)
@@ -729,14 +743,22 @@ def build_parser(prog: str = 'timm-bcos train') -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """``timm-bcos train ...`` (also ``python -m timm_bcos.train ...``, ``accelerate launch -m timm_bcos.train``)."""
-    args = build_parser().parse_args(argv)
-    kw = vars(args)
-    if kw['lr_base_batch'] == 0:
-        kw['lr_base_batch'] = None
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        kw['model_kwargs'] = _parse_kwargs(kw['model_kwargs'])
+        recipe = _read_recipe(args.config) if args.config else {}
+        if recipe:  # the recipe's values become the defaults; options given on the command line win
+            parser.set_defaults(**{k: v for k, v in recipe.items() if k != 'model_kwargs'})
+            args = parser.parse_args(argv)
+        kw = vars(args)
+        kw.pop('config')
+        if kw['lr_base_batch'] == 0:
+            kw['lr_base_batch'] = None
+        kw['model_kwargs'] = {**recipe.get('model_kwargs', {}), **_parse_kwargs(kw['model_kwargs'])}
+        if not kw['output']:
+            raise ValueError('--output is required')
         config = TrainConfig(**kw)
-    except (ValueError, argparse.ArgumentTypeError) as e:
+    except (ValueError, argparse.ArgumentTypeError, OSError) as e:
         raise SystemExit(f'timm-bcos train: {e}')
     try:
         results = train(config)

@@ -1,1 +1,2 @@
+from .conv_net import SimpleConvNet
 from .simple_net import BcosSimpleNet

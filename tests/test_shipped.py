@@ -1,0 +1,61 @@
+"""The shipped default model: bcos_simple_cifar_tiny.fashion_mnist (weights and images in the package)."""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import timm_bcos
+from timm_bcos.datasets import FASHION_MNIST_DIR
+
+NAME = 'bcos_simple_cifar_tiny.fashion_mnist'
+ROOT = Path(__file__).resolve().parents[1]
+HAS_FASHION = (Path(FASHION_MNIST_DIR) / 't10k-labels-idx1-ubyte.gz').exists()
+
+
+@pytest.fixture(scope='module')
+def model():
+    torch.set_flush_denormal(True)
+    return timm.create_model(NAME, pretrained=True).eval()  # offline: make test sets HF_HUB_OFFLINE=1
+
+
+def test_weights_ship_in_the_package_and_load_offline(model):
+    cfg = model.pretrained_cfg
+    path = Path(cfg['file'])
+    assert path.parent == Path(timm_bcos.__file__).parent / 'pretrained' and path.stat().st_size < 5e6
+    assert cfg['tag'] == 'fashion_mnist' and cfg['input_size'] == (6, 32, 32) and len(cfg['label_names']) == 10
+    assert timm.create_model('bcos_simple_cifar_tiny', pretrained=True).pretrained_cfg['tag'] == 'fashion_mnist'
+    fresh = timm.create_model('bcos_simple_cifar_tiny')  # random init differs: the weights really loaded
+    assert not torch.equal(fresh.classifier.weight, model.classifier.weight)
+
+
+def test_shipped_images_are_explained_correctly(model):
+    from PIL import Image
+
+    images = timm_bcos.data.demo_images()
+    assert len(images) == 16
+    transform = timm_bcos.create_transform(model)
+    x = torch.stack([transform(Image.open(p).convert('RGB')) for p in images])
+    e = model.explain(x)
+    assert e.check() < 1e-4
+    names = [model.pretrained_cfg['label_names'][int(i)] for i in e.prediction]
+    slug = [Path(p).stem.split('_', 1)[1] for p in images]
+    correct = sum(n.lower().replace('/', '_').replace(' ', '_') == s for n, s in zip(names, slug))
+    assert correct >= 14, list(zip(names, slug))
+
+
+@pytest.mark.skipif(not HAS_FASHION, reason='Fashion-MNIST absent (apt-get install dataset-fashion-mnist)')
+def test_shipped_model_reaches_90_percent_on_the_test_set(model):
+    from timm_bcos.datasets import load_fashion_mnist
+
+    _, _, x, y = load_fashion_mnist(32)
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), 1000):
+            xb = timm_bcos.AddInverse()(x[i:i + 1000].float().div(255).repeat(1, 3, 1, 1))
+            correct += (model(xb).argmax(1) == y[i:i + 1000]).sum().item()
+    accuracy = correct / len(y)
+    assert accuracy >= 0.90
+    metrics = json.loads((ROOT / 'hub_cards' / NAME / 'metrics.json').read_text())
+    assert metrics['test_accuracy'] == pytest.approx(accuracy, abs=1e-4)  # the reported number is this one
