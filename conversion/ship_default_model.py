@@ -77,6 +77,7 @@ def main(argv=None) -> None:
 
     # 1. weights: the run's final state dict, re-saved atomically as the tag's file
     target = Path(timm.models.get_pretrained_cfg(NAME).file)
+    target.parent.mkdir(parents=True, exist_ok=True)
     state = load_file(str(args.bcos_run / 'model.safetensors'))
     tmp = target.with_name(target.name + '.tmp')
     save_file(state, str(tmp), metadata=dict(format='pt', model=NAME))
@@ -102,7 +103,7 @@ def main(argv=None) -> None:
     # 4. demo images: the first test image of each class, then the second of the first six classes
     from PIL import Image
     folder = target.parent / 'images'
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob('*.png'):
         old.unlink()
     picks = [int((y_test == c).nonzero()[0]) for c in range(10)] + [int((y_test == c).nonzero()[1]) for c in range(6)]

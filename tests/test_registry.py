@@ -182,3 +182,15 @@ def test_corrupt_checkpoint(tmp_path):
     path.write_bytes(b'\x00' * 64 + b'not a safetensors file')
     with pytest.raises(PretrainedWeightsError, match='corrupt'):
         timm.create_model('bcos_resnet18', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_load_model_uses_the_default_tags_weights():
+    from timm_bcos.pretrained import load_model
+
+    with pytest.warns(UserWarning, match='no pretrained weights'):
+        model = load_model('bcos_simple_cifar')  # its v1 tags have weights, its default has none
+    assert model.pretrained_cfg.get('tag') in (None, '') and not model.training
+    shipped = load_model('bcos_simple_cifar_tiny')  # default tag .fashion_mnist: the shipped file
+    assert shipped.pretrained_cfg['tag'] == 'fashion_mnist'
+    with pytest.raises(RuntimeError, match='close B-cos names'):
+        load_model('bcos_resnet19')

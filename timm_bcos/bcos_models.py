@@ -2,30 +2,45 @@
 
 - ``bcos_<arch>``: the paper's design (B=2, MaxOut 2, no norms, v1's output scale, 6-channel input)
   built by converting timm's ``<arch>`` (paper §3.3).
+- The paper's own trained models (B-cos v1 release, `timm_bcos.v1_weights`) are ``v1_*`` tags of
+  these names: ``bcos_densenet121.v1_in1k_long`` (the default of ``bcos_densenet121``: the best
+  one, "training+"), ``.v1_in1k``, ``bcos_resnet34.v1_in1k``, ``bcos_vgg11.v1_in1k``,
+  ``bcos_inception_v3.v1_in1k`` and ``bcos_simple_cifar.v1_cifar10_b1`` ... ``_b2_5`` (Tab. 1's
+  B ablation). A ``v1_*`` tag builds exactly v1's architecture (`create_v1_model`: conv head,
+  v1's logit temperature and bias, per-family scale, VGG head), also without ``pretrained``; so the
+  four ImageNet names build v1's architecture by default. ``bcos_simple_cifar``'s default stays
+  our untagged `BcosSimpleNet` design.
 - ``bcosv2_<arch>``: the B-cos v2 design (uncentered bias-free BN, MaxOut 1, 1x1 B-cos conv head
   before global pooling, logit bias -log(999)), whose authors released ImageNet weights: tag
   ``.in1k`` loads them (`timm_bcos.v2_weights` maps their keys onto ours).
 - ``bcos_simple_cifar`` / ``bcos_simple_cifar_plain``: the paper's 9-layer CIFAR-10 network with
   and without MaxOut (§4 "Models"); ``bcos_simple_cifar_tiny``: the same at a quarter of the width
-  (16-64 channels), small enough to ship trained weights in the package.
+  (16-64 channels), small enough to ship trained weights in the package: tag ``.fashion_mnist``
+  (the default) is the shipped model, trained on Fashion-MNIST (``conversion/recipes/``).
+- ``baseline_simple_cifar`` / ``baseline_simple_cifar_tiny``: the same layouts as conventional CNNs
+  (conv + BatchNorm + ReLU, RGB input, cross entropy): the baselines of training and evaluation.
 
 The file name cannot clash with timm's own modules (``list_models(module='bcos_models')``).
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import timm
-from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models import (PretrainedCfg, generate_default_cfgs, get_pretrained_cfg, register_model,
+                         resolve_pretrained_cfg)
 from torch import nn
 
 from .converter import convert_to_bcos
-from .models import BcosSimpleNet
+from .models import BcosSimpleNet, SimpleConvNet
 from .pretrained import build_bcos_model
+from .v1_weights import V1_MODELS, create_v1_model, map_v1_state_dict, v1_weights_file
 from .v2_weights import V2_ARCHS, create_v2_model, map_v2_state_dict
 
-__all__ = ['PAPER_ARCHS', 'PAPER_DESIGN', 'TINY_WIDTHS']
+__all__ = ['PAPER_ARCHS', 'PAPER_DESIGN', 'SHIPPED_DIR', 'TINY_WIDTHS', 'V1_ARCHS']
 
 PAPER_ARCHS = ('vgg11', 'resnet18', 'resnet34', 'resnet50', 'resnext50_32x4d', 'densenet121', 'densenet161',
                'inception_v3', 'efficientnet_b0', 'mobilenetv3_large_100', 'convnext_tiny')
@@ -64,19 +79,65 @@ def _v2_cfg(name: str) -> Dict[str, Any]:
                     f'reported by the B-cos v2 authors; their released weights.')
 
 
-def _simple_cifar_cfg(**kwargs) -> Dict[str, Any]:
-    return dict(url='', num_classes=10, input_size=(6, 32, 32), pool_size=(8, 8), crop_pct=1.0,
-                interpolation='bilinear', mean=(0.0,), std=(1.0,), first_conv='features.0',
-                classifier='classifier', license='apache-2.0', **_PAPER, **kwargs)
+def _simple_cifar_cfg(in_chans: int = 6, **kwargs) -> Dict[str, Any]:
+    cfg = dict(url='', num_classes=10, input_size=(in_chans, 32, 32), pool_size=(8, 8), crop_pct=1.0,
+               interpolation='bilinear', mean=(0.0,) * (1 if in_chans == 6 else 3),
+               std=(1.0,) * (1 if in_chans == 6 else 3), first_conv='features.0', classifier='classifier',
+               license='apache-2.0', **_PAPER)
+    cfg.update(kwargs)
+    return cfg
+
+
+#: The shipped weights (package data): ``bcos_simple_cifar_tiny.fashion_mnist``.
+SHIPPED_DIR = Path(__file__).parent / 'pretrained'
+_FASHION_MNIST = dict(
+    file=str(SHIPPED_DIR / 'bcos_simple_cifar_tiny.fashion_mnist.safetensors'),
+    label_names=('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                 'Ankle boot'),
+    description='Trained on Fashion-MNIST (28 px grey images, resized to 32 px and repeated to RGB) with '
+                'conversion/recipes/bcos_simple_cifar_tiny.fashion_mnist.json; metrics in '
+                'hub_cards/bcos_simple_cifar_tiny.fashion_mnist/.')
+
+
+# Where our converted model keeps the classifier (`BcosConvClassifier.fc` for head='conv').
+_V1_CLASSIFIERS = {'densenet': 'classifier.fc', 'resnet': 'fc.fc', 'vgg': 'head.fc.fc', 'inception': 'fc.fc',
+                   'simple': 'classifier'}
+_V1_LICENSE = ("license unclear: the v1 repository's README says BSD 2.0, its LICENSE file grants use for "
+               "non-commercial research and education only; check with the authors before other use")
+#: v1 architectures (``bcos_<arch>``) whose ``v1_*`` tags are the paper's released weights.
+V1_ARCHS = tuple(dict.fromkeys(key.split('.')[0] for key in V1_MODELS))
+# timm's default tag is the first one with weights: v1's best DenseNet-121 ("training+", 74.4%).
+_V1_ORDER = ('densenet121.v1_in1k_long',) + tuple(k for k in V1_MODELS if k != 'densenet121.v1_in1k_long')
+
+
+def _v1_cfg(key: str) -> Dict[str, Any]:
+    """pretrained_cfg of the v1 checkpoint `key`: its URL, v1's test transform, the authors' accuracy."""
+    v1 = V1_MODELS[key]
+    family = v1['family']
+    table = 'Tab. 1, CIFAR-10 B ablation' if family == 'simple' else 'Tab. 2'
+    data = 'CIFAR-10 test' if family == 'simple' else 'ImageNet val'
+    long = ' "training+": 200 epochs, cosine schedule,' if key.endswith('_long') else ''
+    cfg = dict(url=v1['url'], num_classes=v1['num_classes'], input_size=v1['input_size'], crop_pct=v1['crop_pct'],
+               interpolation=v1['interpolation'], classifier=_V1_CLASSIFIERS[family], license='other',
+               description=f'B-cos v1 {key.split(".")[0]} (v1 experiment {v1["v1_experiment"]},{long} their released '
+                           f'weights): top-1 {v1["top1"]}% on {data} as reported by the authors (paper {table}).',
+               notes=tuple(n for n in (v1.get('notes'), _V1_LICENSE) if n))
+    return _simple_cifar_cfg(**cfg) if family == 'simple' else _converted_cfg(v1['timm_arch'], **cfg)
 
 
 default_cfgs = generate_default_cfgs({
-    **{f'bcos_{arch}': _converted_cfg(arch) for arch in PAPER_ARCHS},
+    **{f'bcos_{arch}': _converted_cfg(arch) for arch in PAPER_ARCHS if arch not in V1_ARCHS},
     **{f'bcosv2_{name}.in1k': _v2_cfg(name) for name in V2_ARCHS},
     'bcos_simple_cifar': _simple_cifar_cfg(),
+    **{f'bcos_{key}': _v1_cfg(key) for key in _V1_ORDER},
     'bcos_simple_cifar_plain': _simple_cifar_cfg(),
-    'bcos_simple_cifar_tiny': _simple_cifar_cfg(),
+    'bcos_simple_cifar_tiny.fashion_mnist': _simple_cifar_cfg(**_FASHION_MNIST),
+    'baseline_simple_cifar': _simple_cifar_cfg(in_chans=3, paper_name=None, paper_ids=None, origin_url=None),
+    'baseline_simple_cifar_tiny': _simple_cifar_cfg(in_chans=3, paper_name=None, paper_ids=None, origin_url=None),
 })
+# timm would make the first tag with weights (v1_cifar10_b1) the default: keep our untagged design.
+default_cfgs['bcos_simple_cifar'].tags.remove('')
+default_cfgs['bcos_simple_cifar'].tags.appendleft('')
 
 TINY_WIDTHS = (16, 16, 32, 32, 32, 64, 64, 64)
 
@@ -90,10 +151,37 @@ def _convert_builder(base: str, design: Dict[str, Any]) -> Callable[..., nn.Modu
     return builder
 
 
+def _v1_weights(key: str, cfg: PretrainedCfg, cache_dir: Optional[str]) -> PretrainedCfg:
+    """`cfg` reading v1's release file from its unique cache name (`v1_weights_file`, downloaded once).
+
+    Every v1 URL ends in ``/download``: timm's URL cache would store them all as ``download``. A
+    weight source the user chose (file, state dict, Hub, another URL) is kept.
+    """
+    if cfg.file or cfg.state_dict or cfg.hf_hub_id or cfg.url != V1_MODELS[key]['url']:
+        return cfg
+    return dataclasses.replace(cfg, file=v1_weights_file(key, cache_dir=str(cache_dir) if cache_dir else None))
+
+
 def _register(name: str, builder: Callable[..., nn.Module], doc: str,
               filter_fn: Optional[Callable] = None) -> None:
+    """Register `name`; a ``v1_*`` pretrained tag (``name.v1_...``) builds that v1 checkpoint's architecture.
+
+    timm passes ``name.tag`` as ``pretrained_cfg='tag'``; it is resolved here (with the overlay) to
+    choose the builder, and handed on resolved.
+    """
+    v1_arch = next((arch for arch in V1_ARCHS if name == f'bcos_{arch}'), None)
+
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
-        return build_bcos_model(builder, name, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
+        cfg = resolve_pretrained_cfg(name, kwargs.pop('pretrained_cfg', None),
+                                     kwargs.pop('pretrained_cfg_overlay', None))
+        if v1_arch is None or not (cfg.tag or '').startswith('v1_'):
+            return build_bcos_model(builder, name, pretrained, pretrained_filter_fn=filter_fn, pretrained_cfg=cfg,
+                                    **kwargs)
+        key = f'{v1_arch}.{cfg.tag}'
+        if pretrained:
+            cfg = _v1_weights(key, cfg, kwargs.get('cache_dir'))
+        return build_bcos_model(partial(create_v1_model, key), name, pretrained, pretrained_cfg=cfg,
+                                pretrained_filter_fn=partial(map_v1_state_dict, allow_new_head=True), **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
@@ -101,15 +189,29 @@ def _register(name: str, builder: Callable[..., nn.Module], doc: str,
     register_model(entrypoint)
 
 
+def _paper_doc(arch: str) -> str:
+    """Entrypoint docstring of ``bcos_<arch>``; names the default ``v1_*`` tag where v1 released weights."""
+    doc = f"B-cos {arch} (paper design: B=2, MaxOut 2, no norms, 6-channel input), converted from timm's {arch}."
+    if arch in V1_ARCHS:
+        tags = default_cfgs[f'bcos_{arch}'].tags
+        doc += (f" Default tag {tags[0]}: v1's architecture for the paper's released weights (conv head, v1's "
+                f"logit temperature and bias); tags: {', '.join(tags)}.")
+    return doc
+
+
 for _arch in PAPER_ARCHS:
-    _register(f'bcos_{_arch}', _convert_builder(_arch, PAPER_DESIGN),
-              f"B-cos {_arch} (paper design: B=2, MaxOut 2, no norms, 6-channel input), converted from timm's {_arch}.")
+    _register(f'bcos_{_arch}', _convert_builder(_arch, PAPER_DESIGN), _paper_doc(_arch))
 for _name in V2_ARCHS:
     _register(f'bcosv2_{_name}', partial(create_v2_model, _name),
               f"B-cos v2 {_name}: uncentered bias-free BN, MaxOut 1, conv head; pretrained=True loads the v2 "
               f"authors' ImageNet weights.", filter_fn=partial(map_v2_state_dict, allow_new_head=True))
-_register('bcos_simple_cifar', BcosSimpleNet, "The paper's 9-layer CIFAR-10 B-cos network (MaxOut 2, B=2).")
+_register('bcos_simple_cifar', BcosSimpleNet, "The paper's 9-layer CIFAR-10 B-cos network (MaxOut 2, B=2). Tags "
+          "v1_cifar10_b1 ... v1_cifar10_b2_5: v1's B ablation nets with the paper's released weights.")
 _register('bcos_simple_cifar_plain', lambda **kw: BcosSimpleNet(**{'max_out': 1, **kw}),
           "The paper's 9-layer CIFAR-10 B-cos network without MaxOut (B=2).")
 _register('bcos_simple_cifar_tiny', lambda **kw: BcosSimpleNet(**{'widths': TINY_WIDTHS, **kw}),
           "The paper's 9-layer CIFAR-10 B-cos network at a quarter width (16-64 channels, MaxOut 2, B=2).")
+_register('baseline_simple_cifar', SimpleConvNet,
+          "Conventional counterpart of bcos_simple_cifar (conv + BN + ReLU, RGB input): the baseline.")
+_register('baseline_simple_cifar_tiny', lambda **kw: SimpleConvNet(**{'widths': TINY_WIDTHS, **kw}),
+          "Conventional counterpart of bcos_simple_cifar_tiny (16-64 channels): the baseline.")

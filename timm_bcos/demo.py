@@ -55,7 +55,8 @@ def _overview(model, images: List[str], results: List[dict], path: str) -> None:
         ok = truth is None or truth == r['class_name']
         top.set_title(f'{r["class_name"]}\n({r["probabilities"][0]:.2f})', fontsize=8,
                       color='black' if ok else 'red')
-        bottom.imshow(e.to_rgba(index=i))
+        rgba = e.to_rgba(index=i)
+        bottom.imshow(rgba[..., :3] * rgba[..., 3:])  # on black, as in the explanation PNGs
     fig.suptitle(f'{model.pretrained_cfg.get("architecture", "")}: predicted class (sigmoid probability) and '
                  f'its explanation W(x)x; red = wrong', fontsize=9)
     tmp = path + '.tmp.png'

@@ -153,7 +153,8 @@ def load_model(name: str, checkpoint: Optional[str] = None, **kwargs) -> nn.Modu
             raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
         overlay = dict(file=checkpoint, num_classes=kwargs.get('num_classes', 1000))
         return create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
-    has_weights = ':' in name or bool(timm.list_pretrained(name if '.' in name else f'{name}.*'))
+    # the weights of the name's default (or given) tag, not of any tag of the architecture
+    has_weights = ':' in name or bool(getattr(timm.models.get_pretrained_cfg(name), 'has_weights', False))
     if not has_weights:
         warnings.warn(f'{name} has no pretrained weights: explaining a randomly initialised model', stacklevel=2)
     return create_model(name, pretrained=has_weights, **kwargs).eval()
