@@ -441,7 +441,7 @@ def _attribute_many(model: nn.Module, methods: Sequence[str], images: Tensor, ta
     try:
         from captum.attr import DeepLift, IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
     except ImportError as e:
-        raise ImportError('the post-hoc attribution methods use captum: pip install captum (or --methods bcos)') from e
+        raise ImportError('the post-hoc attribution methods use captum: pip install captum, or timm-bcos[eval] (or --methods bcos)') from e
 
     rows = x[:, None].expand(n, t, *x.shape[1:]).reshape(n * t, *x.shape[1:])
     flat_targets = targets.reshape(-1).to(device)
@@ -657,7 +657,7 @@ def _figure(**kwargs):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise ImportError('the plots need matplotlib: pip install matplotlib') from e
+        raise ImportError('the plots need matplotlib: pip install matplotlib, or timm-bcos[eval]') from e
     fig = Figure(layout='constrained', **kwargs)
     FigureCanvasAgg(fig)
     return fig

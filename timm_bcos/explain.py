@@ -493,7 +493,7 @@ def _matplotlib():
         from matplotlib import figure
         from matplotlib.backends.backend_agg import FigureCanvasAgg
     except ImportError as e:
-        raise ImportError('plotting explanations needs matplotlib: pip install matplotlib') from e
+        raise ImportError('plotting explanations needs matplotlib: pip install matplotlib, or timm-bcos[eval]') from e
     return figure, FigureCanvasAgg
 
 
