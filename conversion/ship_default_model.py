@@ -60,6 +60,18 @@ def _training_summary(run: Path) -> dict:
                 run_test_acc=results['metrics']['test_acc'], hardware=results['environment'])
 
 
+def _pointing_metrics(folder: Path) -> dict:
+    """The card's line for one grid pointing game: B-cos contributions vs the best post-hoc method."""
+    results = json.loads((folder / 'results.json').read_text())
+    grid = results['settings']['grid']
+    models = results['models']
+    ours = models['bcos']['methods']['bcos']
+    best = max(((f'{key}/{m}', v['mean']) for key, e in models.items() for m, v in e['methods'].items()
+                if m != 'bcos'), key=lambda kv: kv[1])
+    return {f'pointing_game_{grid}x{grid}': f'{ours["mean"]:.3f} mean over {ours["n"]} scores (best post-hoc: '
+                                            f'{best[0]} {best[1]:.3f}; conversion/results/{folder.name})'}
+
+
 def main(argv=None) -> None:
     import timm
     from safetensors.torch import load_file, save_file
@@ -72,6 +84,8 @@ def main(argv=None) -> None:
     p.add_argument('--bcos-run', required=True, type=Path)
     p.add_argument('--baseline-run', required=True, type=Path)
     p.add_argument('--repo-id', default=f'timm-bcos/{NAME.replace(".", "-")}')
+    p.add_argument('--pointing', nargs='*', type=Path, default=[],
+                   help='timm-bcos evaluate output folders: their B-cos pointing-game scores go into the card')
     args = p.parse_args(argv)
     torch.set_flush_denormal(True)
 
@@ -118,6 +132,8 @@ def main(argv=None) -> None:
     metrics.update(dataset='fashion_mnist', test_accuracy=round(acc, 4),
                    baseline_test_accuracy=f'{base_acc:.4f} (baseline_simple_cifar_tiny, same layout, '
                                           f'conv+BN+ReLU, cross entropy, same budget)')
+    for folder in args.pointing:
+        metrics.update(_pointing_metrics(folder))
     publish(model, args.repo_id, metrics=metrics, images=sorted(str(p) for p in folder.glob('*.png'))[:2],
             dry_run=True, out_dir=str(card_dir), weights=False)
     _write_json(card_dir / 'metrics.json', dict(

@@ -691,7 +691,8 @@ def plot_boxes(results: Dict[str, Dict[str, np.ndarray]], grid: int, title: str 
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel(f'localisation ({grid}x{grid} grids)')
     ax.set_title(title or f'grid pointing game, {grid}x{grid}', fontsize=10)
-    ax.legend([h for h, _ in handles], [n for _, n in handles], loc='upper right', fontsize=8)
+    ax.legend([h for h, _ in handles], [n for _, n in handles], loc='upper center', bbox_to_anchor=(0.5, -0.2),
+              ncol=len(handles), fontsize=8, frameon=False)  # below the axes: never over a box
     ax.grid(axis='y', alpha=0.3)
     return fig
 
