@@ -153,6 +153,8 @@ def load_model(name: str, checkpoint: Optional[str] = None, **kwargs) -> nn.Modu
             raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
         overlay = dict(file=checkpoint, num_classes=kwargs.get('num_classes', 1000))
         return create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
+    if ':' not in name and not timm.is_model(name.split('.')[0]):
+        return create_model(name, **kwargs)  # raises, listing the close B-cos names
     # the weights of the name's default (or given) tag, not of any tag of the architecture
     has_weights = ':' in name or bool(getattr(timm.models.get_pretrained_cfg(name), 'has_weights', False))
     if not has_weights:
