@@ -3,17 +3,33 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ['CheckpointMismatchError', 'PretrainedWeightsError', 'build_bcos_model', 'check_state_dict',
-           'create_model', 'load_model']
+__all__ = ['CheckpointMismatchError', 'PretrainedWeightsError', 'StateDictMismatchError', 'build_bcos_model',
+           'check_state_dict', 'create_model', 'list_keys', 'load_model']
 
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint whose keys or shapes do not fit the model (another architecture or class count)."""
+
+
+class StateDictMismatchError(CheckpointMismatchError, ValueError):
+    """A reference implementation's (B-cos v1/v2) state dict that does not fit the model: names
+    every unexpected, missing and mis-shaped key (after renaming to our keys)."""
+
+    def __init__(self, message: str, unexpected: Sequence[str] = (), missing: Sequence[str] = (),
+                 mismatched: Sequence[str] = ()) -> None:
+        self.unexpected, self.missing, self.mismatched = list(unexpected), list(missing), list(mismatched)
+        super().__init__(message)
+
+
+def list_keys(what: str, items: Sequence[str], limit: int = 8) -> str:
+    """``'3 missing keys: a, b, c'``, the first `limit` items and a count of the rest."""
+    more = f' ... (+{len(items) - limit} more)' if len(items) > limit else ''
+    return f'{len(items)} {what}: {", ".join(items[:limit])}{more}'
 
 
 class PretrainedWeightsError(RuntimeError):

@@ -50,7 +50,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .pretrained import CheckpointMismatchError, PretrainedWeightsError
+from .pretrained import PretrainedWeightsError, StateDictMismatchError, list_keys
 from .v2_weights import prepare_v2_vgg_head
 
 __all__ = ['V1_BASE_URL', 'V1_LOGIT_BIAS_CIFAR10', 'V1_LOGIT_BIAS_IMAGENET', 'V1_MODELS', 'V1StateDictError',
@@ -127,14 +127,8 @@ V1_MODELS: Dict[str, Dict[str, Any]] = {
 }
 
 
-class V1StateDictError(CheckpointMismatchError, ValueError):
-    """A B-cos v1 state dict that does not fit the model: names every unexpected, missing and
-    mis-shaped key (after renaming to our keys)."""
-
-    def __init__(self, message: str, unexpected: Sequence[str] = (), missing: Sequence[str] = (),
-                 mismatched: Sequence[str] = ()) -> None:
-        self.unexpected, self.missing, self.mismatched = list(unexpected), list(missing), list(mismatched)
-        super().__init__(message)
+class V1StateDictError(StateDictMismatchError):
+    """A B-cos v1 state dict that does not fit the model (see `StateDictMismatchError`)."""
 
 
 # --- building ----------------------------------------------------------------------------------
@@ -250,7 +244,6 @@ def v1_weights_file(tag: str, cache_dir: Optional[str] = None, download: bool = 
 # --- key mapping -------------------------------------------------------------------------------
 
 _LINEAR = '.linear.weight'  # v1's BcosConv2d keeps its weight in a NormedConv2d child `linear`
-_MAX_LISTED = 8
 # v1's Inception3(aux_logits=True) auxiliary head: used for the training loss only (its forward
 # runs it under `if self.training` and stores the result); timm's InceptionV3(aux_logits=True)
 # returns (logits, aux) in eval too, so we build without it and drop these (after checking them).
@@ -331,7 +324,7 @@ def _check_model_config(model: nn.Module, family: str) -> None:
         if not math.isclose(m.scale, want, rel_tol=1e-9):
             bad_scales.append(f'{name}: {m.scale:.6g} (v1: {want:.6g})')
     if bad_scales:
-        wrong['scale'] = (_listed('layers', bad_scales), expected.get('scale_factor', expected.get('scale')))
+        wrong['scale'] = (list_keys('layers', bad_scales), expected.get('scale_factor', expected.get('scale')))
     if family == 'vgg':
         mlp = model.pre_logits
         if tuple(mlp.fc1.padding) != (3, 3) or mlp.input_kernel_size != 1:
@@ -502,15 +495,10 @@ def guess_v1_family(state_dict: Dict[str, Tensor]) -> Optional[str]:
     return None
 
 
-def _listed(what: str, items: Sequence[str]) -> str:
-    more = f' ... (+{len(items) - _MAX_LISTED} more)' if len(items) > _MAX_LISTED else ''
-    return f'{len(items)} {what}: {", ".join(items[:_MAX_LISTED])}{more}'
-
-
 def _mismatch_message(state_dict, model, family, unexpected, missing, mismatched, sources) -> str:
     arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
     tag = model.bcos_cfg.get('v1_tag')
-    parts = [_listed(what, items) for what, items in (('unexpected keys', unexpected), ('missing keys', missing),
+    parts = [list_keys(what, items) for what, items in (('unexpected keys', unexpected), ('missing keys', missing),
                                                        ('shape mismatches', mismatched)) if items]
     hints: List[str] = []
     ckpt_family = guess_v1_family(state_dict)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from torch import Tensor, nn
 
-from .pretrained import CheckpointMismatchError
+from .pretrained import StateDictMismatchError, list_keys
 
 __all__ = ['V2_ARCHS', 'V2_BASE_URL', 'V2_CONVERT_KWARGS', 'V2StateDictError', 'create_v2_model',
            'guess_v2_arch', 'load_v2_state_dict', 'map_v2_state_dict', 'prepare_v2_vgg_head']
@@ -75,14 +75,8 @@ for _name, _cfg in V2_ARCHS.items():
     _cfg['v2_entrypoint'] = _name  # bcos.models.pretrained.<name>, torch.hub.load('B-cos/B-cos-v2', <name>)
 
 
-class V2StateDictError(CheckpointMismatchError, ValueError):
-    """A B-cos v2 state dict that does not fit the model: names every unexpected, missing and
-    mis-shaped key (after renaming to our keys)."""
-
-    def __init__(self, message: str, unexpected: Sequence[str] = (), missing: Sequence[str] = (),
-                 mismatched: Sequence[str] = ()) -> None:
-        self.unexpected, self.missing, self.mismatched = list(unexpected), list(missing), list(mismatched)
-        super().__init__(message)
+class V2StateDictError(StateDictMismatchError):
+    """A B-cos v2 state dict that does not fit the model (see `StateDictMismatchError`)."""
 
 
 # --- building ----------------------------------------------------------------------------------
@@ -142,7 +136,6 @@ def load_v2_state_dict(model: nn.Module, state_dict: Dict[str, Tensor]) -> nn.Mo
 # --- key mapping -------------------------------------------------------------------------------
 
 _LINEAR = '.linear.weight'  # v2's BcosConv2d keeps its weight in a NormedConv2d child `linear`
-_MAX_LISTED = 8
 
 
 def _family(model: nn.Module) -> str:
@@ -329,15 +322,10 @@ def _classifier_key(family: str, model: nn.Module) -> str:
     return 'head.fc.fc.weight' if family == 'vgg' else f'{model.bcos_cfg["classifier"]}.fc.weight'
 
 
-def _listed(what: str, items: Sequence[str]) -> str:
-    more = f' ... (+{len(items) - _MAX_LISTED} more)' if len(items) > _MAX_LISTED else ''
-    return f'{len(items)} {what}: {", ".join(items[:_MAX_LISTED])}{more}'
-
-
 def _mismatch_message(state_dict, model, family, unexpected, missing, mismatched, sources) -> str:
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     arch = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
-    parts = [_listed(what, items) for what, items in (('unexpected keys', unexpected), ('missing keys', missing),
+    parts = [list_keys(what, items) for what, items in (('unexpected keys', unexpected), ('missing keys', missing),
                                                        ('shape mismatches', mismatched)) if items]
     hints = []
     ckpt_arch, model_arch = guess_v2_arch(state_dict), _arch_of(ours, family)
