@@ -127,7 +127,23 @@ class BatchNormUncentered2d(DetachableModule):
                 f'track_running_stats={self.track_running_stats}')
 
 
-class GroupNormUncentered(DetachableModule):
+class _UncenteredNorm(DetachableModule):
+    """What the per-sample uncentered norms share: `eps` and an optional per-channel scale (no bias)."""
+
+    def __init__(self, num_channels: int, eps: float, affine: bool, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype)) if affine else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+
+class GroupNormUncentered(_UncenteredNorm):
     """Uncentered group norm without bias: ``y = x / sqrt(var_g + eps) * weight``.
 
     ``var_g`` is the biased variance of each sample's channel group over (C // G, H, W); there are
@@ -144,19 +160,10 @@ class GroupNormUncentered(DetachableModule):
             device=None,
             dtype=None,
     ) -> None:
-        super().__init__()
         if num_groups < 1 or num_channels % num_groups:
             raise ValueError(f'num_channels ({num_channels}) must be divisible by num_groups ({num_groups})')
+        super().__init__(num_channels, eps, affine, device, dtype)
         self.num_groups = num_groups
-        self.num_channels = num_channels
-        self.eps = eps
-        self.affine = affine
-        self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype)) if affine else None
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_nchw(x, self, self.num_channels)
@@ -173,7 +180,7 @@ class GroupNormUncentered(DetachableModule):
         return f'{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}'
 
 
-class LayerNorm2dUncentered(DetachableModule):
+class LayerNorm2dUncentered(_UncenteredNorm):
     """Uncentered layer norm over channels of NCHW (v2's position norm), without bias.
 
     ``y = x / sqrt(var_c + eps) * weight`` with ``var_c`` the biased variance over the channels
@@ -188,16 +195,7 @@ class LayerNorm2dUncentered(DetachableModule):
             device=None,
             dtype=None,
     ) -> None:
-        super().__init__()
-        self.num_channels = num_channels
-        self.eps = eps
-        self.affine = affine
-        self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype)) if affine else None
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
+        super().__init__(num_channels, eps, affine, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_nchw(x, self, self.num_channels)
