@@ -1,14 +1,16 @@
 """The conventional counterpart of `BcosSimpleNet`, for baselines (training and evaluation)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
-from torch import Tensor, nn
+from torch import nn
+
+from .conv_head import ConvHeadNet
 
 __all__ = ['SimpleConvNet']
 
 
-class SimpleConvNet(nn.Module):
+class SimpleConvNet(ConvHeadNet):
     """`BcosSimpleNet`'s layout as a conventional CNN: 3x3 conv + BatchNorm + ReLU per width (same
     widths and strides), a 1x1 conv classifier with bias, global average pooling. RGB input in
     [0, 1]; trained with cross entropy. Post-hoc attribution methods are compared on it (§5.1)."""
@@ -36,21 +38,3 @@ class SimpleConvNet(nn.Module):
 
     def _make_classifier(self, num_classes: int) -> nn.Module:
         return nn.Conv2d(self.num_features, num_classes, 1) if num_classes > 0 else nn.Identity()
-
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.classifier = self._make_classifier(num_classes)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        return self.features(x)
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if pre_logits or self.num_classes <= 0:
-            return self.pool(x).flatten(1)
-        return self.pool(self.classifier(x)).flatten(1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))

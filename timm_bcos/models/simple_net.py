@@ -8,11 +8,12 @@ from torch import Tensor, nn
 
 from ..layers import BcosConv2d, LogitLayer
 from ..mixin import BcosModelMixin
+from .conv_head import ConvHeadNet
 
 __all__ = ['BcosSimpleNet']
 
 
-class BcosSimpleNet(BcosModelMixin, nn.Module):
+class BcosSimpleNet(BcosModelMixin, ConvHeadNet):
     """3x3 B-cos convolutions, a 1x1 B-cos convolution to the classes, global average pooling and
     the fixed logit map of Eq. 16. No norms, no activations: every output is ``W(x) x + b``.
 
@@ -57,23 +58,8 @@ class BcosSimpleNet(BcosModelMixin, nn.Module):
             return nn.Identity()
         return BcosConv2d(self.num_features, num_classes, 1, **self._layer_kwargs)
 
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
+    def _logits(self, scores: Tensor) -> Tensor:
+        return self.logit(scores)  # Eq. 16: the fixed logit bias (and temperature)
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """A new 1x1 B-cos classifier (0: none, the pooled features are returned)."""
-        self.num_classes = num_classes
-        self.classifier = self._make_classifier(num_classes)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        return self.features(x)
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """The classifier is a 1x1 B-cos conv *before* pooling (as in v1); ``pre_logits`` returns
-        the pooled features instead."""
-        if pre_logits or self.num_classes <= 0:
-            return self.pool(x).flatten(1)
-        return self.logit(self.pool(self.classifier(x)).flatten(1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    # _make_classifier already builds a B-cos layer: the plain reset, not the mixin's re-conversion
+    reset_classifier = ConvHeadNet.reset_classifier
