@@ -13,8 +13,6 @@ on their own resnet18 (``bcos.models.pretrained.resnet18``, the v2 design: MaxOu
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
@@ -24,6 +22,8 @@ import timm
 
 from timm_bcos import AddInverse, DetachableModule
 from timm_bcos.explain import explain
+
+from _timing import median_time  # benchmarks/_timing.py
 
 with warnings.catch_warnings():
     warnings.simplefilter('ignore')
@@ -45,16 +45,6 @@ class TheirMixin(BcosUtilMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-def _median_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -103,12 +93,12 @@ def main(argv=None) -> None:
 
     slow_reps = max(1, args.reps // 2)
     t = {
-        'no-grad eval forward': _median_time(forward, args.reps),
-        'timm_bcos explain, 1 target': _median_time(lambda: explain(model, x), args.reps),
-        'timm_bcos explain, k=5': _median_time(lambda: explain(model, x, k=5), args.reps),
-        'bcos explain() per image, 1 target': _median_time(their_explain(1), slow_reps),
-        'bcos explain() per image, 5 targets': _median_time(their_explain(5), slow_reps),
-        'same, 1 target, parameters frozen': _median_time(their_explain(1, frozen=True), slow_reps),
+        'no-grad eval forward': median_time(forward, args.reps),
+        'timm_bcos explain, 1 target': median_time(lambda: explain(model, x), args.reps),
+        'timm_bcos explain, k=5': median_time(lambda: explain(model, x, k=5), args.reps),
+        'bcos explain() per image, 1 target': median_time(their_explain(1), slow_reps),
+        'bcos explain() per image, 5 targets': median_time(their_explain(5), slow_reps),
+        'same, 1 target, parameters frozen': median_time(their_explain(1, frozen=True), slow_reps),
     }
     if args.reference_own:
         with warnings.catch_warnings():
@@ -119,7 +109,7 @@ def main(argv=None) -> None:
         def own_explain():
             for i in range(n):
                 own.explain(x[i:i + 1].clone().requires_grad_(True))
-        t["bcos explain() per image on bcos's resnet18"] = _median_time(own_explain, slow_reps)
+        t["bcos explain() per image on bcos's resnet18"] = median_time(own_explain, slow_reps)
     ours_for = {'bcos explain() per image, 1 target': 'timm_bcos explain, 1 target',
                 "bcos explain() per image on bcos's resnet18": 'timm_bcos explain, 1 target',
                 'same, 1 target, parameters frozen': 'timm_bcos explain, 1 target',

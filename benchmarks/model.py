@@ -10,7 +10,6 @@ the plain network.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import timm
@@ -18,15 +17,7 @@ import torch
 
 from timm_bcos import convert_to_bcos
 
-
-def _median_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from _timing import median_time  # benchmarks/_timing.py
 
 
 def main() -> None:
@@ -62,7 +53,7 @@ def main() -> None:
                 with torch.no_grad():
                     model(x)
 
-            times[key] = (_median_time(fwd_bwd, args.reps), _median_time(fwd, args.reps))
+            times[key] = (median_time(fwd_bwd, args.reps), median_time(fwd, args.reps))
         for key, (_, _, convert_s) in variants.items():
             fb, f = times[key]
             print(f'{name:>14} | {key:>10} | {convert_s:9.2f} | {fb * 1e3:8.0f} | '
