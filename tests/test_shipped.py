@@ -31,12 +31,9 @@ def test_weights_ship_in_the_package_and_load_offline(model):
 
 
 def test_shipped_images_are_explained_correctly(model):
-    from PIL import Image
-
     images = timm_bcos.data.demo_images()
     assert len(images) == 16
-    transform = timm_bcos.create_transform(model)
-    x = torch.stack([transform(Image.open(p).convert('RGB')) for p in images])
+    x = timm_bcos.load_images(model, images)
     e = model.explain(x)
     assert e.check() < 1e-4
     names = [model.pretrained_cfg['label_names'][int(i)] for i in e.prediction]

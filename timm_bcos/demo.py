@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import re
 import time
@@ -19,6 +20,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .data import demo_images
+from .transforms import load_images
 
 DEFAULT_MODEL = 'bcos_simple_cifar_tiny.fashion_mnist'
 
@@ -30,19 +32,14 @@ def _true_label(path: str, classes: Sequence[str]) -> Optional[str]:
     return slugs.get(stem)
 
 
-def _overview(model, images: List[str], results: List[dict], path: str) -> None:
+def _overview(model, x: torch.Tensor, results: List[dict], path: str) -> None:
     """One picture: every image above its explanation (the paper's colour visualisation, §4)."""
-    from PIL import Image
-
     from .explain import _matplotlib, explain
-    from .transforms import create_transform
 
-    transform = create_transform(model)
-    x = torch.stack([transform(Image.open(p).convert('RGB')) for p in images])
     e = explain(model, x)
     figure, canvas = _matplotlib()
     cols = 8
-    rows = -(-len(images) // cols)
+    rows = -(-len(x) // cols)
     fig = figure.Figure(figsize=(1.6 * cols, 3.5 * rows), layout='constrained')
     canvas(fig)
     axes = fig.subplots(2 * rows, cols, squeeze=False)
@@ -83,20 +80,16 @@ def main(argv=None) -> None:
     cli(['explain', *images, '--model', args.model, '--out', args.out])
     seconds = time.perf_counter() - t0
 
-    import json
-    results = json.loads(open(os.path.join(args.out, 'results.json')).read())
+    with open(os.path.join(args.out, 'results.json')) as f:
+        results = json.load(f)
     model = load_model(args.model)
     classes = model.pretrained_cfg.get('label_names') or []
     truths = [_true_label(r['image'], classes) for r in results]
     correct = sum(t == r['class_name'] for t, r in zip(truths, results))
     overview = os.path.join(args.out, 'overview.png')
-    _overview(model, images, results, overview)
-
-    from PIL import Image
-    from .transforms import create_transform
-    transform = create_transform(model)
-    x = torch.stack([transform(Image.open(p).convert('RGB')) for p in images]).double()
-    err64 = check_dynamic_linearity(copy.deepcopy(model).double(), x)
+    x = load_images(model, images)
+    _overview(model, x, results, overview)
+    err64 = check_dynamic_linearity(copy.deepcopy(model).double(), x.double())
     worst = max(r['faithfulness_error'] or 0.0 for r in results)
     print()
     print(f'{correct}/{len(results)} shipped images classified correctly; explained in {seconds:.1f} s')

@@ -512,21 +512,15 @@ def explain_images(
     probabilities, the Eq. 13 faithfulness error per image). Images go through
     `create_transform(model)` and are explained `batch_size` at a time (one `explain` call each)."""
     import json
-    from PIL import Image
-    from .transforms import create_transform
+    from .transforms import load_images
 
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')
-    transform = create_transform(model)
     os.makedirs(out_dir, exist_ok=True)
     results = []
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start:start + batch_size])
-        inputs = []
-        for path in chunk:
-            with Image.open(path) as image:
-                inputs.append(transform(image.convert('RGB')))
-        x = torch.stack(inputs)
+        x = load_images(model, chunk)
         if layer is None:
             e = explain(model, x, target, k=k)
         else:

@@ -14,7 +14,6 @@ import shutil
 import tempfile
 from typing import Any, Dict, Optional, Sequence, Union
 
-import torch
 from torch import nn
 
 __all__ = ['HubPublishError', 'card_metrics', 'publish', 'render_model_card', 'pull']
@@ -110,17 +109,10 @@ def render_model_card(model: nn.Module, repo_id: str, metrics: Optional[Dict[str
 
 
 def _explanation_png(model: nn.Module, images: Sequence[str], path: str) -> None:
-    from PIL import Image
-
     from .explain import explain
-    from .transforms import create_transform
+    from .transforms import load_images
 
-    transform = create_transform(model)
-    batch = []
-    for image in images:
-        with Image.open(image) as im:
-            batch.append(transform(im.convert('RGB')))
-    explain(model, torch.stack(batch), k=min(2, getattr(model, 'num_classes', 2))).save(path)
+    explain(model, load_images(model, images), k=min(2, getattr(model, 'num_classes', 2))).save(path)
 
 
 def publish(

@@ -1,13 +1,14 @@
 """Image pipeline for B-cos models: timm's transform to [0, 1] images, then the 6-channel encoding."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 from .layers import AddInverse
 
-__all__ = ['create_transform']
+__all__ = ['create_transform', 'load_images']
 
 
 class _Encode(nn.Module):
@@ -32,3 +33,15 @@ def create_transform(model: nn.Module, is_training: bool = False, **overrides: A
     overrides = {'mean': (0.0,), 'std': (1.0,), **overrides}
     config = timm.data.resolve_data_config(overrides, model=model)
     return transforms.Compose([timm.data.create_transform(**config, is_training=is_training), _Encode()])
+
+
+def load_images(model: nn.Module, paths: Sequence[str]) -> torch.Tensor:
+    """Image files through `create_transform(model)`, stacked: (N, 6, H, W) for a B-cos model."""
+    from PIL import Image
+
+    transform = create_transform(model)
+    batch = []
+    for path in paths:
+        with Image.open(path) as image:
+            batch.append(transform(image.convert('RGB')))
+    return torch.stack(batch)
