@@ -1,8 +1,6 @@
 """timm registry: names, pretrained_cfg, transforms, and every offline loading path with its errors."""
 import hashlib
-import json
 import os
-import shutil
 
 import numpy as np
 import pytest

@@ -1,5 +1,4 @@
 """timm_bcos.train: accelerate training, exact resume, atomic checkpoints, multi-process, export."""
-import functools
 import json
 import os
 import random

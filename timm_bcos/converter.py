@@ -16,7 +16,6 @@ Two passes, both driven by the rule tables below:
 """
 from __future__ import annotations
 
-import difflib
 import math
 import operator
 import types

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 from .layers import explanation_mode
