@@ -1,5 +1,6 @@
 """The shipped default model: bcos_simple_cifar_tiny.fashion_mnist (weights and images in the package)."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,22 @@ def test_shipped_model_reaches_90_percent_on_the_test_set(model):
     assert accuracy >= 0.90
     metrics = json.loads((ROOT / 'hub_cards' / NAME / 'metrics.json').read_text())
     assert metrics['test_accuracy'] == pytest.approx(accuracy, abs=1e-4)  # the reported number is this one
+
+
+def test_rendered_card_in_hub_cards_matches_the_shipped_model(model, tmp_path):
+    """hub_cards/<name>/ is publish's dry run without weights: the card parses, its numbers are the
+    measured ones, and its config.json builds the shipped architecture (weights from the package)."""
+    from huggingface_hub import ModelCard
+
+    folder = ROOT / 'hub_cards' / NAME
+    assert not (folder / 'model.safetensors').exists()  # no second copy of the weights
+    card = ModelCard.load(str(folder / 'README.md'))
+    metrics = json.loads((folder / 'metrics.json').read_text())
+    assert card.data.library_name == 'timm' and 'b-cos' in card.data.tags
+    assert card.data.eval_results[0].metric_value == pytest.approx(metrics['test_accuracy'], abs=1e-4)
+    shutil.copytree(folder, tmp_path / 'repo')
+    shutil.copy(model.pretrained_cfg['file'], tmp_path / 'repo' / 'model.safetensors')
+    loaded = timm.create_model(f'local-dir:{tmp_path / "repo"}', pretrained=True).eval()
+    x = torch.rand(2, 6, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
