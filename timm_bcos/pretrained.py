@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 __all__ = ['CheckpointMismatchError', 'PretrainedWeightsError', 'StateDictMismatchError', 'build_bcos_model',
-           'check_state_dict', 'create_model', 'list_keys', 'load_model']
+           'check_state_dict', 'compare_mapped_keys', 'create_model', 'list_keys', 'load_model']
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -30,6 +30,28 @@ def list_keys(what: str, items: Sequence[str], limit: int = 8) -> str:
     """``'3 missing keys: a, b, c'``, the first `limit` items and a count of the rest."""
     more = f' ... (+{len(items) - limit} more)' if len(items) > limit else ''
     return f'{len(items)} {what}: {", ".join(items[:limit])}{more}'
+
+
+def compare_mapped_keys(
+        mapped: Dict[str, torch.Tensor],
+        sources: Dict[str, str],
+        expected: Dict[str, Tuple[int, ...]],
+        head_key: str,
+        allow_new_head: bool,
+) -> Tuple[List[str], List[str], List[str]]:
+    """A renamed reference state dict (`mapped`, from checkpoint keys `sources`) against the model's
+    shapes: the unexpected, missing and mis-shaped keys. With `allow_new_head`, a classifier of
+    another class count (same input width) is dropped from `mapped` first (fine-tuning)."""
+    new_head = (allow_new_head and head_key in mapped and head_key in expected
+                and tuple(mapped[head_key].shape)[1:] == expected[head_key][1:]
+                and tuple(mapped[head_key].shape) != expected[head_key])
+    if new_head:
+        del mapped[head_key]
+    unexpected = sorted(set(mapped) - set(expected))
+    missing = sorted(set(expected) - set(mapped) - ({head_key} if new_head else set()))
+    mismatched = [f'{k} (checkpoint {sources[k]!r}): {tuple(mapped[k].shape)} vs model {expected[k]}'
+                  for k in mapped if k in expected and tuple(mapped[k].shape) != expected[k]]
+    return unexpected, missing, mismatched
 
 
 class PretrainedWeightsError(RuntimeError):

@@ -50,7 +50,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .pretrained import PretrainedWeightsError, StateDictMismatchError, list_keys
+from .pretrained import PretrainedWeightsError, StateDictMismatchError, compare_mapped_keys, list_keys
 from .v2_weights import prepare_v2_vgg_head
 
 __all__ = ['V1_BASE_URL', 'V1_LOGIT_BIAS_CIFAR10', 'V1_LOGIT_BIAS_IMAGENET', 'V1_MODELS', 'V1StateDictError',
@@ -446,16 +446,8 @@ def map_v1_state_dict(state_dict: Dict[str, Tensor], model: nn.Module, *,
                 continue
             mapped[key], sources[key] = state_dict[source], source
 
-    head_key = _classifier_key(family, model)
-    new_head = (allow_new_head and head_key in mapped and head_key in expected
-                and tuple(mapped[head_key].shape)[1:] == expected[head_key][1:]
-                and tuple(mapped[head_key].shape) != expected[head_key])
-    if new_head:
-        del mapped[head_key]
-    unexpected = sorted(set(mapped) - set(expected))
-    missing = sorted(set(expected) - set(mapped) - ({head_key} if new_head else set()))
-    mismatched = [f'{k} (checkpoint {sources[k]!r}): {tuple(mapped[k].shape)} vs model {expected[k]}'
-                  for k in mapped if k in expected and tuple(mapped[k].shape) != expected[k]]
+    unexpected, missing, mismatched = compare_mapped_keys(mapped, sources, expected, _classifier_key(family, model),
+                                                          allow_new_head)
     if aux:
         aux_shapes = _aux_shapes(model, model.bcos_cfg['max_out'])
         unexpected += sorted(f'{k} (checkpoint {aux[k]!r})' for k in aux if k not in aux_shapes)

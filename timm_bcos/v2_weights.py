@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from torch import Tensor, nn
 
-from .pretrained import StateDictMismatchError, list_keys
+from .pretrained import StateDictMismatchError, compare_mapped_keys, list_keys
 
 __all__ = ['V2_ARCHS', 'V2_BASE_URL', 'V2_CONVERT_KWARGS', 'V2StateDictError', 'create_v2_model',
            'guess_v2_arch', 'load_v2_state_dict', 'map_v2_state_dict', 'prepare_v2_vgg_head']
@@ -296,16 +296,8 @@ def map_v2_state_dict(state_dict: Dict[str, Tensor], model: nn.Module, *,
     else:
         mapped, sources = dict(state_dict), {k: k for k in keys}
 
-    head_key = _classifier_key(family, model)
-    new_head = (allow_new_head and head_key in mapped and head_key in expected
-                and tuple(mapped[head_key].shape)[1:] == expected[head_key][1:]
-                and tuple(mapped[head_key].shape) != expected[head_key])
-    if new_head:
-        del mapped[head_key]
-    unexpected = sorted(set(mapped) - set(expected))
-    missing = sorted(set(expected) - set(mapped) - ({head_key} if new_head else set()))
-    mismatched = [f'{k} (checkpoint {sources[k]!r}): {tuple(mapped[k].shape)} vs model {expected[k]}'
-                  for k in mapped if k in expected and tuple(mapped[k].shape) != expected[k]]
+    unexpected, missing, mismatched = compare_mapped_keys(mapped, sources, expected, _classifier_key(family, model),
+                                                          allow_new_head)
     if unexpected or missing or mismatched:
         raise V2StateDictError(_mismatch_message(state_dict, model, family, unexpected, missing, mismatched,
                                                  sources), unexpected, missing, mismatched)
