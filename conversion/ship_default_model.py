@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from timm_bcos.layers import add_inverse
+
 ROOT = Path(__file__).resolve().parents[1]
 NAME = 'bcos_simple_cifar_tiny.fashion_mnist'
 BASELINE = 'baseline_simple_cifar_tiny.fashion_mnist'
@@ -46,7 +48,7 @@ def _accuracy(model, x: torch.Tensor, y: torch.Tensor, encode: bool) -> float:
     correct = 0
     for i in range(0, len(x), 500):
         xb = x[i:i + 500].float().div(255).repeat(1, 3, 1, 1)
-        xb = torch.cat([xb, 1 - xb], 1) if encode else xb
+        xb = add_inverse(xb) if encode else xb
         correct += (model(xb).argmax(1) == y[i:i + 500]).sum().item()
     return correct / len(x)
 

@@ -9,7 +9,8 @@ from torch import nn
 
 import timm_bcos
 from timm_bcos import AddInverse, BcosConv2d, DynamicGate, UnsupportedModuleError, convert_to_bcos
-from timm_bcos.converter import BcosClassifier, BcosConvClassifier, unconverted_modules
+from timm_bcos.converter import unconverted_modules
+from timm_bcos.layers import BcosClassifier, BcosConvClassifier
 from timm_bcos.coverage import COVERAGE_MODELS, check_model
 
 

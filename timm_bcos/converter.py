@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .layers import BcosConv2d, BcosLinear, DetachableModule, LogitLayer, AddInverse
+from .layers import (AddInverse, BcosClassifier, BcosConv2d, BcosConvClassifier, BcosLinear, DetachableModule,
+                     LogitLayer)
 from .layers.bcos_conv import BcosConv2dSame
 from .layers.gate import DynamicGate
 from .mixin import attach_bcos_mixin
 
-__all__ = ['convert_to_bcos', 'unconverted_modules', 'UnsupportedModuleError', 'BcosClassifier', 'BcosConvClassifier',
-           'MODULE_RULES', 'TRUSTED_FORWARDS']
+__all__ = ['convert_to_bcos', 'unconverted_modules', 'UnsupportedModuleError', 'MODULE_RULES', 'TRUSTED_FORWARDS']
 
 
 class UnsupportedModuleError(TypeError):
@@ -589,35 +589,6 @@ def _bind_forward(module: nn.Module, method: str, train_forward: Callable, eval_
 
 
 # --- the converter ---------------------------------------------------------------------------
-
-class BcosClassifier(BcosLinear):
-    """The classifier of a converted model: `BcosLinear` followed by the fixed logit map of Eq. 16."""
-
-    def __init__(self, in_features: int, out_features: int, logit_bias: Optional[float] = None,
-                 logit_temperature: Optional[float] = None, **kwargs) -> None:
-        super().__init__(in_features, out_features, **kwargs)
-        self.logit = LogitLayer(bias=logit_bias, temperature=logit_temperature)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logit(super().forward(x))
-
-
-class BcosConvClassifier(nn.Module):
-    """v1/v2 head: a 1x1 B-cos conv to the classes *before* global average pooling, then Eq. 16."""
-
-    def __init__(self, in_features: int, out_features: int, logit_bias: Optional[float] = None,
-                 logit_temperature: Optional[float] = None, **kwargs) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.fc = BcosConv2d(in_features, out_features, 1, **kwargs)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.logit = LogitLayer(bias=logit_bias, temperature=logit_temperature)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"head='conv' expects the unpooled (N, C, H, W) feature map, got {tuple(x.shape)}")
-        return self.logit(self.pool(self.fc(x)).flatten(1))
-
 
 def _convert_tree(module: nn.Module, prefix: str, ctx: _Context) -> nn.Module:
     """Pass 1 on `module` (if it is not a rule leaf), then convert its children (pass 2)."""

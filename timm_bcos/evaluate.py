@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import add_inverse
+
 __all__ = ['ABLATION_BS', 'METHODS', 'METHOD_LABELS', 'PERTURBATION', 'POST_HOC', 'Grids', 'PointingGame', 'Ranking',
            'ablation_model_kwargs', 'attribute',
            'b_ablation', 'default_smoothing', 'is_bcos', 'localisation', 'main', 'make_grids', 'occlusion',
@@ -129,7 +131,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def _encode(model: nn.Module, x: Tensor) -> Tensor:
     """The model's input: [x, 1-x] for B-cos models (6 input channels), x otherwise."""
-    return torch.cat([x, 1 - x], 1) if is_bcos(model) else x
+    return add_inverse(x) if is_bcos(model) else x
 
 
 def _confidence(model: nn.Module, logits: Tensor) -> Tensor:

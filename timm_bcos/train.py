@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import add_inverse
+
 __all__ = ['CheckpointError', 'TrainConfig', 'main', 'train']
 
 CHECKPOINT = 'checkpoint'
@@ -514,7 +516,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     loss_fn = _loss_fn(cfg)
 
     def encode(x: Tensor) -> Tensor:
-        return torch.cat([x, 1 - x], 1) if in_chans == 6 else x
+        return add_inverse(x) if in_chans == 6 else x
 
     def evaluate() -> Dict[str, float]:
         model.eval()

@@ -11,17 +11,6 @@ from .layers import AddInverse
 __all__ = ['create_transform', 'load_images']
 
 
-class _Encode(nn.Module):
-    """AddInverse on one (C, H, W) image tensor, as the last step of a torchvision pipeline."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.encode = AddInverse(dim=0)
-
-    def forward(self, x):
-        return self.encode(x)
-
-
 def create_transform(model: nn.Module, is_training: bool = False, **overrides: Any):
     """timm's data config and transform for `model` (resize, crop, augmentation, to [0, 1] tensor),
     followed by the [x, 1-x] encoding (§4): PIL image -> (6, H, W) tensor the model takes."""
@@ -32,7 +21,7 @@ def create_transform(model: nn.Module, is_training: bool = False, **overrides: A
     # model's 6 channels, which its Normalize cannot apply to 3-channel images.
     overrides = {'mean': (0.0,), 'std': (1.0,), **overrides}
     config = timm.data.resolve_data_config(overrides, model=model)
-    return transforms.Compose([timm.data.create_transform(**config, is_training=is_training), _Encode()])
+    return transforms.Compose([timm.data.create_transform(**config, is_training=is_training), AddInverse(dim=0)])
 
 
 def load_images(model: nn.Module, paths: Sequence[str]) -> torch.Tensor:

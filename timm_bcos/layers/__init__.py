@@ -1,8 +1,16 @@
-from .bcos_function import from_reference_layout, to_reference_layout
+"""B-cos layers (paper §3): the B-cos transform, its classifiers, input encoding, explanation mode."""
 from .bcos_conv import BcosConv2d, BcosConv2dSame
+from .bcos_function import from_reference_layout, to_reference_layout
 from .bcos_linear import BcosLinear
-from .encoding import AddInverse
+from .classifier import BcosClassifier, BcosConvClassifier
+from .encoding import AddInverse, add_inverse
 from .explain_mode import DetachableModule, explanation_mode, is_explanation_mode
-from .logit import LogitLayer
 from .gate import DynamicGate
+from .logit import LogitLayer
 from .norm import BatchNormUncentered2d, GroupNormUncentered, LayerNorm2dUncentered
+
+__all__ = [
+    'AddInverse', 'BatchNormUncentered2d', 'BcosClassifier', 'BcosConv2d', 'BcosConv2dSame', 'BcosConvClassifier',
+    'BcosLinear', 'DetachableModule', 'DynamicGate', 'GroupNormUncentered', 'LayerNorm2dUncentered', 'LogitLayer',
+    'add_inverse', 'explanation_mode', 'from_reference_layout', 'is_explanation_mode', 'to_reference_layout',
+]

@@ -6,7 +6,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ['AddInverse']
+__all__ = ['AddInverse', 'add_inverse']
+
+
+def add_inverse(x: Tensor, dim: int = 1) -> Tensor:
+    """The encoding ``[x, 1 - x]`` along `dim` (§4), without `AddInverse`'s range check (for batches
+    known to be images in [0, 1], e.g. from the package's datasets)."""
+    return torch.cat([x, 1 - x], dim=dim)
 
 
 class AddInverse(nn.Module):
@@ -37,7 +43,7 @@ class AddInverse(nn.Module):
                     f'AddInverse expects images with values in [0, 1] (the B-cos encoding [x, 1-x] of '
                     f'paper §4), got {what}. Do not normalise with a mean/std: B-cos models take '
                     f'unnormalised images.')
-        return torch.cat([x, 1 - x], dim=self.dim)
+        return add_inverse(x, self.dim)
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}'
