@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     from safetensors.torch import load_file, save_file
 
     import timm_bcos
-    from timm_bcos.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
+    from timm_bcos.data import FASHION_MNIST_CLASSES, load_fashion_mnist
     from timm_bcos.hub import card_metrics, publish
 
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])

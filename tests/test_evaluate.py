@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import timm_bcos  # noqa: F401  (registers the models)
-from timm_bcos.datasets import TensorImageDataset, build_datasets
+from timm_bcos.data import TensorImageDataset, build_datasets
 from timm_bcos.evaluate import (METHODS, POST_HOC, ablation_model_kwargs, attribute, default_smoothing,
                                 localisation, make_grids, occlusion, pointing_game, rank_by_confidence)
 from timm_bcos.explain import explain

@@ -8,7 +8,7 @@ import timm
 import torch
 
 import timm_bcos
-from timm_bcos.datasets import FASHION_MNIST_DIR
+from timm_bcos.data import FASHION_MNIST_DIR
 
 NAME = 'bcos_simple_cifar_tiny.fashion_mnist'
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ def model():
 def test_weights_ship_in_the_package_and_load_offline(model):
     cfg = model.pretrained_cfg
     path = Path(cfg['file'])
-    assert path.parent == Path(timm_bcos.__file__).parent / 'pretrained' and path.stat().st_size < 5e6
+    assert path.parent == Path(timm_bcos.__file__).parent / 'assets' / 'weights' and path.stat().st_size < 5e6
     assert cfg['tag'] == 'fashion_mnist' and cfg['input_size'] == (6, 32, 32) and len(cfg['label_names']) == 10
     assert timm.create_model('bcos_simple_cifar_tiny', pretrained=True).pretrained_cfg['tag'] == 'fashion_mnist'
     fresh = timm.create_model('bcos_simple_cifar_tiny')  # random init differs: the weights really loaded
@@ -45,7 +45,7 @@ def test_shipped_images_are_explained_correctly(model):
 
 @pytest.mark.skipif(not HAS_FASHION, reason='Fashion-MNIST absent (apt-get install dataset-fashion-mnist)')
 def test_shipped_model_reaches_90_percent_on_the_test_set(model):
-    from timm_bcos.datasets import load_fashion_mnist
+    from timm_bcos.data import load_fashion_mnist
 
     _, _, x, y = load_fashion_mnist(32)
     correct = 0

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import timm_bcos
-from timm_bcos.datasets import SeededSampler, TensorImageDataset, build_datasets, load_fashion_mnist
+from timm_bcos.data import SeededSampler, TensorImageDataset, build_datasets, load_fashion_mnist
 from timm_bcos.train import CheckpointError, TrainConfig, lr_factor, main, train
 
 WIDTHS = (8, 8, 16, 16, 16, 32, 32, 32)
@@ -164,7 +164,7 @@ def test_image_folder_training(tmp_path):
     assert config['label_names'] == ['cat', 'dog'] and config['num_classes'] == 2
 
 
-FASHION = Path(os.environ.get('TIMM_BCOS_FASHION_MNIST') or timm_bcos.datasets.FASHION_MNIST_DIR)
+FASHION = Path(os.environ.get('TIMM_BCOS_FASHION_MNIST') or timm_bcos.data.FASHION_MNIST_DIR)
 
 
 @pytest.mark.skipif(not (FASHION / 't10k-labels-idx1-ubyte.gz').exists(),

@@ -20,6 +20,6 @@ from .layers import (
 from .linearity import check_dynamic_linearity
 from .models import BcosSimpleNet
 from .pretrained import CheckpointMismatchError, PretrainedWeightsError, create_model
-from .transforms import create_transform, load_images
+from .data import create_transform, load_images
 
 __version__ = '0.1.0'

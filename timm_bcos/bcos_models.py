@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import timm
@@ -34,6 +33,7 @@ from timm.models import (PretrainedCfg, generate_default_cfgs, get_pretrained_cf
                          resolve_pretrained_cfg)
 from torch import nn
 
+from ._utils import ASSETS
 from .converter import convert_to_bcos
 from .models import BcosSimpleNet, SimpleConvNet
 from .pretrained import build_bcos_model
@@ -89,7 +89,7 @@ def _simple_cifar_cfg(in_chans: int = 6, **kwargs) -> Dict[str, Any]:
 
 
 #: The shipped weights (package data): ``bcos_simple_cifar_tiny.fashion_mnist``.
-SHIPPED_DIR = Path(__file__).parent / 'pretrained'
+SHIPPED_DIR = ASSETS / 'weights'
 _FASHION_MNIST = dict(
     file=str(SHIPPED_DIR / 'bcos_simple_cifar_tiny.fashion_mnist.safetensors'),
     label_names=('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',

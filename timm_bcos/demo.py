@@ -3,7 +3,7 @@
     python -m timm_bcos.demo [--model bcos_simple_cifar_tiny.fashion_mnist] [--out out/demo]
 
 The model is ``bcos_simple_cifar_tiny.fashion_mnist`` (weights in the package, trained on
-Fashion-MNIST); the images are ``timm_bcos/pretrained/images/*.png`` (Fashion-MNIST test images,
+Fashion-MNIST); the images are ``timm_bcos/assets/images/*.png`` (Fashion-MNIST test images,
 named ``NN_<class>.png``). Runs ``timm-bcos explain`` on them (one PNG per image), then writes an
 overview of all images with their explanations and checks Eq. 13 in float64.
 """
@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .data import demo_images
-from .transforms import load_images
+from .data import load_images
 
 DEFAULT_MODEL = 'bcos_simple_cifar_tiny.fashion_mnist'
 
@@ -69,7 +69,7 @@ def main(argv=None) -> None:
     torch.set_flush_denormal(True)
     images = demo_images()
     if not images:
-        raise SystemExit('timm-bcos demo: no shipped images in timm_bcos/pretrained/images (broken install?)')
+        raise SystemExit('timm-bcos demo: no shipped images in timm_bcos/assets/images (broken install?)')
 
     from .cli import main as cli
     from .linearity import check_dynamic_linearity

@@ -825,7 +825,7 @@ def run_evaluation(model: Union[str, nn.Module], baseline: Union[str, nn.Module,
     import timm
 
     from . import bcos_models  # noqa: F401
-    from .datasets import build_datasets
+    from .data import build_datasets
 
     dev = torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     out = Path(out)
@@ -941,7 +941,7 @@ def b_ablation(out: Union[str, Path] = 'conversion/results/ablation', data: str 
     import timm
 
     from . import bcos_models  # noqa: F401
-    from .datasets import build_datasets
+    from .data import build_datasets
     from .train import TrainConfig, train
 
     out = Path(out)
@@ -1034,7 +1034,7 @@ def _calibrated_temperature(model: str, kwargs: Dict[str, Any], data: str, img_s
     import timm
     from accelerate.utils import set_seed
 
-    from .datasets import build_datasets, count_classes
+    from .data import build_datasets, count_classes
 
     set_seed(seed)
     net = timm.create_model(model, num_classes=count_classes(data), **dict(kwargs, logit_temperature=None)).eval()

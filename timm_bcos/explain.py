@@ -512,7 +512,7 @@ def explain_images(
     probabilities, the Eq. 13 faithfulness error per image). Images go through
     `create_transform(model)` and are explained `batch_size` at a time (one `explain` call each)."""
     import json
-    from .transforms import load_images
+    from .data import load_images
 
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')

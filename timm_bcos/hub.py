@@ -1,7 +1,7 @@
 """Publish B-cos models to the Hugging Face Hub with a generated model card.
 
 `publish` writes the folder a Hub repo needs -- timm's ``config.json``, ``model.safetensors`` (never
-a pickle), a ``README.md`` model card rendered from ``templates/model_card.md`` with the run's real
+a pickle), a ``README.md`` model card rendered from ``assets/model_card.md`` with the run's real
 numbers, and an explanation PNG -- then uploads it with ``huggingface_hub`` (or stops there with
 ``dry_run=True``). The repo loads back with ``timm.create_model('hf-hub:ORG/NAME', pretrained=True)``.
 """
@@ -16,9 +16,11 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 from torch import nn
 
+from ._utils import ASSETS
+
 __all__ = ['HubPublishError', 'card_metrics', 'publish', 'render_model_card', 'pull']
 
-_TEMPLATE = os.path.join(os.path.dirname(__file__), 'templates', 'model_card.md')
+_TEMPLATE = str(ASSETS / 'model_card.md')
 _EXPLANATION_PNG = 'explanation.png'
 
 
@@ -110,7 +112,7 @@ def render_model_card(model: nn.Module, repo_id: str, metrics: Optional[Dict[str
 
 def _explanation_png(model: nn.Module, images: Sequence[str], path: str) -> None:
     from .explain import explain
-    from .transforms import load_images
+    from .data import load_images
 
     explain(model, load_images(model, images), k=min(2, getattr(model, 'num_classes', 2))).save(path)
 

@@ -73,7 +73,7 @@ class TrainConfig:
         num_classes: None: the dataset's class count (a different value is an error).
         data: ``'digits'`` (scikit-learn), ``'fashion-mnist'`` (Debian ``dataset-fashion-mnist``)
             or a folder with class subfolders (optionally ``train/`` and ``val/`` splits), see
-            `timm_bcos.datasets.build_datasets`.
+            `timm_bcos.data.build_datasets`.
         img_size: None: the model's ``pretrained_cfg['input_size']``.
         train_subset: train on a fixed random subset of this many images (quick runs).
         augment: tensor datasets: random crop after padding by img_size/8 (+ horizontal flip for
@@ -397,7 +397,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     from . import bcos_models  # noqa: F401  (registers the bcos_* names)
-    from .datasets import SeededSampler, build_datasets, count_classes
+    from .data import SeededSampler, build_datasets, count_classes
 
     cfg = config
     out = Path(cfg.output)

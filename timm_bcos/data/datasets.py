@@ -1,4 +1,4 @@
-"""Training data for `timm_bcos.train`: digits, Fashion-MNIST and image folders, with a seeded sampler.
+"""Datasets for training and evaluation: digits, Fashion-MNIST and image folders, with a seeded sampler.
 
 Every dataset yields ``(image, label)`` with a 3-channel float image in [0, 1]; the trainer adds the
 B-cos encoding [x, 1-x] on the batch when the model takes 6 channels.
@@ -10,7 +10,6 @@ run was resumed.
 """
 from __future__ import annotations
 
-import gzip
 import os
 import random
 from pathlib import Path
@@ -22,18 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ['DIGITS_CLASSES', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_DIR', 'DataSplits', 'ImageFolderDataset', 'KeyedSubset',
-           'SeededSampler', 'TensorImageDataset', 'build_datasets', 'count_classes', 'load_fashion_mnist']
+from .builtin import BUILTIN_CLASSES, DIGITS_CLASSES, FASHION_MNIST_CLASSES, load_digits, load_fashion_mnist
 
-#: Where Debian's ``dataset-fashion-mnist`` installs the gzip idx files; ``TIMM_BCOS_FASHION_MNIST``
-#: overrides it (a folder with the same four files, e.g. downloaded from the Fashion-MNIST repository).
-FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
-FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker',
-                         'Bag', 'Ankle boot')
-DIGITS_CLASSES = tuple(str(i) for i in range(10))
-_BUILTIN = {'digits': DIGITS_CLASSES, 'fashion-mnist': FASHION_MNIST_CLASSES}
-_FASHION_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz', 't10k-images-idx3-ubyte.gz',
-                  't10k-labels-idx1-ubyte.gz')
+__all__ = ['IMAGE_EXTENSIONS', 'DataSplits', 'ImageFolderDataset', 'KeyedSubset', 'SeededSampler', 'TensorImageDataset',
+           'build_datasets', 'count_classes']
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
 Key = Union[int, Tuple[int, int]]  # a sample index, or (index, augmentation seed)
@@ -192,58 +184,6 @@ class ImageFolderDataset(Dataset):
             np.random.set_state(np_state)
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """An idx file (the MNIST format): magic 0x00000800 + dtype code (8: uint8) + ndim, then the dims."""
-    try:
-        with gzip.open(path, 'rb') as f:
-            data = f.read()
-    except (OSError, EOFError) as e:
-        raise RuntimeError(f'{path}: cannot read ({e}); reinstall it: apt-get install --reinstall '
-                           f'dataset-fashion-mnist') from e
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
-        raise RuntimeError(f'{path}: not a uint8 idx file')
-    ndim = data[3]
-    dims = tuple(int.from_bytes(data[4 + 4 * k:8 + 4 * k], 'big') for k in range(ndim))
-    offset = 4 + 4 * ndim
-    if len(data) - offset != int(np.prod(dims)):
-        raise RuntimeError(f'{path}: truncated ({len(data) - offset} bytes for shape {dims})')
-    return np.frombuffer(data, np.uint8, offset=offset).reshape(dims)
-
-
-def _resize_uint8(x: np.ndarray, size: int, chunk: int = 10000) -> Tensor:
-    """(N, H, W) uint8 -> (N, 1, size, size) uint8, bilinear (no resize when the size matches)."""
-    t = torch.from_numpy(x.copy()).unsqueeze(1)
-    if t.shape[-1] == size and t.shape[-2] == size:
-        return t
-    out = torch.empty((len(t), 1, size, size), dtype=torch.uint8)
-    for s in range(0, len(t), chunk):
-        r = F.interpolate(t[s:s + chunk].float(), size=(size, size), mode='bilinear', align_corners=False)
-        out[s:s + chunk] = r.round_().clamp_(0, 255).to(torch.uint8)
-    return out
-
-
-def load_fashion_mnist(size: int = 32, root: Union[str, Path, None] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fashion-MNIST (60k train, 10k test, 10 classes) as ``(x_train, y_train, x_test, y_test)``.
-
-    Images are (N, 1, size, size) uint8, bilinearly resized from 28x28 (grey: `TensorImageDataset`
-    repeats them to 3 channels). Read from `root`, ``$TIMM_BCOS_FASHION_MNIST`` or
-    `FASHION_MNIST_DIR` (Debian: ``apt-get install dataset-fashion-mnist``).
-    """
-    root = Path(root or os.environ.get('TIMM_BCOS_FASHION_MNIST') or FASHION_MNIST_DIR)
-    missing = [f for f in _FASHION_FILES if not (root / f).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f'Fashion-MNIST not found: {root} lacks {", ".join(missing)}. Install it with '
-            f'`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the four files '
-            f'{", ".join(_FASHION_FILES)} into a folder and set TIMM_BCOS_FASHION_MNIST to it.')
-    xtr, ytr, xte, yte = (_read_idx(root / f) for f in _FASHION_FILES)
-    if xtr.shape[1:] != (28, 28) or len(xtr) != len(ytr) or len(xte) != len(yte):
-        raise RuntimeError(f'{root}: unexpected Fashion-MNIST shapes {xtr.shape}, {ytr.shape}, {xte.shape}, '
-                           f'{yte.shape}')
-    return (_resize_uint8(xtr, size), torch.from_numpy(ytr.astype(np.int64)),
-            _resize_uint8(xte, size), torch.from_numpy(yte.astype(np.int64)))
-
-
 class DataSplits:
     """The train and test datasets, the class names and what was used (for the results file)."""
 
@@ -302,8 +242,8 @@ def _image_folder_splits(path: Path, img_size: int, augment: bool, auto_augment:
 
 def count_classes(data: str) -> int:
     """The class count of a data source, without reading its images."""
-    if data in _BUILTIN:
-        return len(_BUILTIN[data])
+    if data in BUILTIN_CLASSES:
+        return len(BUILTIN_CLASSES[data])
     path = Path(data).expanduser()
     if not path.is_dir():
         raise ValueError(f"data must be 'digits', 'fashion-mnist' or a folder of class subfolders; {data!r} is "
@@ -328,8 +268,6 @@ def build_datasets(data: str, img_size: int, augment: bool = True, auto_augment:
     """
     pad = max(1, img_size // 8) if augment else 0
     if data == 'digits':
-        from .data import load_digits
-
         xtr, ytr, xte, yte = load_digits(size=img_size)
         return DataSplits(TensorImageDataset(xtr, ytr, pad=pad, classes=DIGITS_CLASSES),
                           TensorImageDataset(xte, yte, classes=DIGITS_CLASSES), DIGITS_CLASSES,

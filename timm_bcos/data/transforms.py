@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .layers import AddInverse
+from ..layers import AddInverse
 
 __all__ = ['create_transform', 'load_images']
 
