@@ -141,7 +141,7 @@ def main(argv=None) -> None:
     _write_json(card_dir / 'metrics.json', dict(
         model=NAME, test_accuracy=acc, test_images=len(y_test),
         params=sum(p.numel() for p in model.parameters()),
-        dynamic_linearity_error=dict(float32=err32, float64=err64),
+        eq13_error=dict(float32=err32, float64=err64),
         training=_training_summary(args.bcos_run),
         baseline=dict(model='baseline_simple_cifar_tiny', test_accuracy=base_acc,
                       params=sum(p.numel() for p in baseline.parameters()),

@@ -1,7 +1,7 @@
 """timm-bcos: B-cos networks (Böhle, Fritz, Schiele, CVPR 2022) for timm."""
 from . import bcos_models, data, models
 from .converter import UnsupportedModuleError, convert_to_bcos, unconverted_modules
-from .explain import Explanation, explain
+from .explain import Explanation, check_dynamic_linearity, explain
 from .layers import (
     AddInverse,
     BatchNormUncentered2d,
@@ -17,7 +17,6 @@ from .layers import (
     is_explanation_mode,
     to_reference_layout,
 )
-from .linearity import check_dynamic_linearity
 from .models import BcosSimpleNet
 from .pretrained import CheckpointMismatchError, PretrainedWeightsError, create_model
 from .data import create_transform, load_images

@@ -67,7 +67,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 def _explain(args: argparse.Namespace) -> None:
-    from .explain import explain_images
+    from .explain import describe, explain_images
     from .pretrained import load_model
 
     if (args.layer is None) != (args.neuron is None):
@@ -77,10 +77,7 @@ def _explain(args: argparse.Namespace) -> None:
     results = explain_images(model, args.images, args.out, args.target, k=args.topk, layer=args.layer,
                              neuron=args.neuron)
     for r in results:
-        err = r['faithfulness_error']
-        label = r['class_name'] if r['class_name'] is not None else r['prediction']
-        print(f'{r["image"]}: prediction {label}  explained {r["targets"]}  '
-              f'Eq. 13 error {"n/a" if err is None else f"{err:.1e}"}  -> {r["png"]}')
+        print(describe(r))
     print(f'results: {args.out}/results.json')
 
 

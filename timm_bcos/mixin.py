@@ -6,8 +6,8 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
+from .explain import Explanation, check_dynamic_linearity, explain
 from .layers import explanation_mode
-from .linearity import check_dynamic_linearity
 
 __all__ = ['BcosModelMixin', 'attach_bcos_mixin']
 
@@ -27,9 +27,8 @@ class BcosModelMixin:
         """Max relative error of ``sum(W(x) * x) + b`` vs the outputs (Eq. 13); see `check_dynamic_linearity`."""
         return check_dynamic_linearity(self, x, targets)
 
-    def explain(self, x: Tensor, target=None, **kwargs) -> 'Explanation':
+    def explain(self, x: Tensor, target=None, **kwargs) -> Explanation:
         """Explain outputs (or, with ``layer=``/``neuron=``, inner neurons) exactly by W(x); see `timm_bcos.explain`."""
-        from .explain import explain
         return explain(self, x, target, **kwargs)
 
     def reset_classifier(self, num_classes: int, *args, **kwargs) -> None:

@@ -1,4 +1,4 @@
-"""Model-inherent explanations of B-cos networks (paper §3.2.1, Eq. 13-15; visualisation §4).
+"""`explain`: model-inherent explanations of B-cos networks (paper §3.2.1, Eq. 13-15).
 
 In explanation mode a B-cos network computes ``f(x) = W(x) x + b`` with ``b = f(0)`` (Eq. 13), so
 one backward pass from an output gives the row ``[W_{1->l}(x)]_j`` that explains it exactly, and
@@ -10,219 +10,21 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
-import tempfile
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import AddInverse, BcosConv2d, explanation_mode
-from .linearity import relative_error
+from ..layers import AddInverse, BcosConv2d, explanation_mode
+from .explanation import Explanation
 
-__all__ = ['Explanation', 'explain', 'explain_images']
+__all__ = ['TargetLike', 'VERIFY_TOLERANCE', 'explain']
 
 TargetLike = Union[int, Sequence[int], Sequence[Sequence[int]], Tensor, np.ndarray]
 
 # `explain(verify=True)` fails above this relative error of Eq. 13.
 VERIFY_TOLERANCE = 1e-4
-
-
-@dataclass(eq=False)
-class Explanation:
-    """Exact explanations of a batch: ``logits = contributions.sum((-2, -1)) + bias`` (Eq. 13, 15).
-
-    Attributes:
-        weights: rows of the dynamic linear map W(x), (N, T, C, H, W) with C the input channels.
-        contributions: ``sum_c W(x) * x``, the spatial contribution maps of Eq. 15, (N, T, H, W).
-        logits: the explained outputs (class logits, or activations of `layer`), (N, T).
-        targets: the explained class (or channel) per image and column, (N, T).
-        bias: the output at x = 0, ``b`` of Eq. 13, (N, T).
-        inputs: the encoded inputs, (N, C, H, W).
-        prediction: the predicted class per image, (N,); None for a `layer` explanation.
-        probabilities: ``sigmoid(logits)`` (B-cos models train with BCE), (N, T); None for a layer.
-        layer: the explained module's name, None for the model's outputs.
-        positions: the explained spatial position per image and column, (N, T, S) for S spatial
-            dims of the layer's output; None for logits and (N, C) activations.
-        class_names: the model's label names (``pretrained_cfg['label_names']``) if it has them.
-    """
-
-    weights: Tensor
-    contributions: Tensor
-    logits: Tensor
-    targets: Tensor
-    bias: Tensor
-    inputs: Tensor
-    prediction: Optional[Tensor] = None
-    probabilities: Optional[Tensor] = None
-    layer: Optional[str] = None
-    positions: Optional[Tensor] = None
-    class_names: Optional[List[str]] = None
-
-    def check(self) -> float:
-        """Max relative error of Eq. 13: ``|contributions.sum + bias - logits| / max |logits - bias|``.
-
-        Normalised by ``|logits - bias|``, not ``|logits|``: untrained B-cos outputs are tiny next
-        to a logit bias. Returns NaN with a warning when ``logits - bias`` is too small to resolve
-        in the logits' dtype (never a vacuous 0), inf when any of them is NaN or inf.
-        """
-        if not all(torch.isfinite(t).all() for t in (self.contributions, self.bias, self.logits)):
-            return math.inf
-        err = (self.contributions.sum((-2, -1)) + self.bias - self.logits).abs().max()
-        return relative_error(err, (self.logits - self.bias).abs().max(), self.logits, 'Explanation.check')
-
-    def column(self, target: int, index: int = 0) -> int:
-        """The column of class (or channel) `target` among image `index`'s explained targets."""
-        self._check_index(index)
-        hits = (self.targets[index] == int(target)).nonzero().flatten().tolist()
-        if not hits:
-            raise ValueError(f'{target} was not explained for image {index}; explained targets: '
-                             f'{self.targets[index].tolist()}')
-        return hits[0]
-
-    def delta(self, c1: int, c2: int, index: int = 0) -> Tensor:
-        """Δ-explanation (Fig. 9): contribution map of target column `c1` minus that of `c2`, (H, W).
-
-        `c1`, `c2` are target *columns* (0 is the top class with ``k=...``), as in `to_rgba`; map
-        class ids to columns with `column`. Positive values are evidence for `c1` over `c2`.
-        """
-        self._check_index(index)
-        self._check_column(c1)
-        self._check_column(c2)
-        return self.contributions[index, c1] - self.contributions[index, c2]
-
-    def to_rgba(self, index: int = 0, target: int = 0, smooth: int = 1, percentile: float = 99.5) -> np.ndarray:
-        """The paper's colour visualisation of a row of W(x) (§4 "Visualisations details").
-
-        Only pixels that contribute positively (``sum_c W * x > 0``) are visible. Colours: W is
-        divided by its max |value| over channels, clamped to >= 0, and each channel pair is
-        normalised to ``r = w_r / (w_r + w_{1-r})`` (keeps the pair's angle, lands in [0, 1]).
-        Opacity: ``min(||w_(x,y)||_2 / p, 1)`` with p the `percentile` of the weight norms over all
-        positions, average-pooled over `smooth` x `smooth` visible pixels (odd `smooth`; 1 = none).
-
-        Args:
-            index: the image.
-            target: the target column (0 = first explained target).
-            smooth: odd kernel size of the opacity smoothing.
-            percentile: the opacity cut-off percentile, in (0, 100].
-
-        Returns:
-            float32 array (H, W, 4) in [0, 1]; masked pixels have alpha exactly 0.
-        """
-        self._check_index(index)
-        self._check_column(target)
-        if not (isinstance(smooth, int) and smooth >= 1 and smooth % 2 == 1):
-            raise ValueError(f'smooth must be an odd positive int, got {smooth!r}')
-        if not 0 < percentile <= 100:
-            raise ValueError(f'percentile must be in (0, 100], got {percentile!r}')
-        w = self.weights[index, target].double()
-        if w.shape[0] != 6:
-            raise ValueError(f'the colour visualisation needs the 6-channel encoding [x, 1-x] (§4), '
-                             f'got {w.shape[0]} input channels')
-        visible = (self.contributions[index, target] > 0).double()
-        norm = torch.linalg.vector_norm(w, dim=0)
-        cutoff = torch.quantile(norm.flatten(), percentile / 100)
-        alpha = (norm / cutoff).clamp(max=1) if cutoff > 0 else torch.zeros_like(norm)
-        alpha = alpha * visible
-        if smooth > 1:
-            # Mean over the visible pixels of each window, so hidden pixels do not darken the edges.
-            pool = lambda t: F.avg_pool2d(t[None, None], smooth, 1, smooth // 2)[0, 0]  # noqa: E731
-            alpha = pool(alpha) / pool(visible).clamp_min(1e-12) * visible
-        rgb = (w / w.abs().amax(0).clamp_min(torch.finfo(w.dtype).tiny)).clamp(min=0)
-        rgb = rgb[:3] / (rgb[:3] + rgb[3:]).clamp_min(1e-12)
-        rgba = torch.cat([rgb, alpha[None]]).clamp(0, 1).permute(1, 2, 0)
-        return rgba.float().cpu().numpy()
-
-    def plot(self, index: int = 0, ax=None, class_names: Optional[Sequence[str]] = None):
-        """Draw image `index`: one row per target with the input, `to_rgba` and the contribution map.
-
-        Args:
-            index: the image.
-            ax: optional (T, 3) array of matplotlib axes to draw into (3 * T axes in any shape);
-                default: a new figure (not registered with pyplot, so no global state changes).
-            class_names: titles for class ids; default: the model's label names, if any.
-
-        Returns:
-            the matplotlib Figure.
-        """
-        self._check_index(index)
-        return self._draw([index], ax, class_names)
-
-    def save(self, path: Union[str, os.PathLike], class_names: Optional[Sequence[str]] = None,
-             index: Optional[int] = None) -> None:
-        """Write the `plot` of image `index` (default: all images, stacked) to a PNG, atomically.
-
-        The figure goes to a temporary file next to `path`, then replaces `path` (os.replace):
-        readers never see a partial file.
-        """
-        indices = range(len(self.inputs)) if index is None else [index]
-        for i in indices:
-            self._check_index(i)
-        fig = self._draw(list(indices), None, class_names)
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(suffix='.png', prefix='.explanation-', dir=os.path.dirname(path) or '.')
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                fig.savefig(f, format='png', dpi=100)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-
-    def _draw(self, indices: List[int], ax, class_names: Optional[Sequence[str]]):
-        figure, canvas = _matplotlib()
-        names = list(class_names) if class_names is not None else self.class_names
-        t = self.targets.shape[1]
-        rows = len(indices) * t
-        if ax is None:
-            fig = figure.Figure(figsize=(7.5, 2.6 * rows), layout='constrained')
-            canvas(fig)
-            axes = np.asarray(fig.subplots(rows, 3, squeeze=False))
-        else:
-            axes = np.asarray(ax, dtype=object)
-            if axes.size != rows * 3:
-                raise ValueError(f'ax must hold {rows * 3} axes ({rows} targets x 3 panels), got {axes.size}')
-            axes = axes.reshape(rows, 3)
-            fig = axes[0, 0].figure
-        for r, (i, j) in enumerate((i, j) for i in indices for j in range(t)):
-            image = self.inputs[i, :3].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
-            contrib = self.contributions[i, j].float().cpu().numpy()
-            vmax = float(np.abs(contrib).max()) or 1.0
-            a_img, a_rgba, a_map = axes[r]
-            a_img.imshow(image)
-            a_img.set_title(f'image {i}', fontsize=9)
-            a_rgba.set_facecolor('black')
-            a_rgba.imshow(self.to_rgba(i, j))
-            a_rgba.set_title(self._label(i, j, names), fontsize=9)
-            im = a_map.imshow(contrib, cmap='bwr', vmin=-vmax, vmax=vmax)
-            a_map.set_title('contributions (Eq. 15)', fontsize=9)
-            fig.colorbar(im, ax=a_map, fraction=0.046, pad=0.04)
-            for a in axes[r]:
-                a.set_xticks([])
-                a.set_yticks([])
-        return fig
-
-    def _label(self, i: int, j: int, names: Optional[Sequence[str]]) -> str:
-        c = int(self.targets[i, j])
-        if self.layer is not None:
-            where = '' if self.positions is None else f' @ {tuple(self.positions[i, j].tolist())}'
-            return f'{self.layer}[{c}]{where}: {self.logits[i, j].item():.3g}'
-        name = names[c] if names is not None and c < len(names) else f'class {c}'
-        return f'{name}: p={self.probabilities[i, j].item():.3f}'
-
-    def _check_index(self, index: int) -> None:
-        if not -len(self.inputs) <= index < len(self.inputs):
-            raise IndexError(f'image index {index} out of range for {len(self.inputs)} images')
-
-    def _check_column(self, column: int) -> None:
-        t = self.targets.shape[1]
-        if not -t <= column < t:
-            raise IndexError(f'target column {column} out of range: {t} targets were explained '
-                             f'(use Explanation.column(class_id) to look up a class)')
 
 
 class _StopForward(Exception):
@@ -485,68 +287,3 @@ def _resolve_position(position: Sequence[int], spatial: torch.Size) -> Tuple[int
         raise ValueError(f'position must give {len(spatial)} indices within the layer\'s spatial size '
                          f'{tuple(spatial)}, got {tuple(position)}')
     return pos
-
-
-def _matplotlib():
-    """(matplotlib.figure, FigureCanvasAgg), imported lazily: matplotlib is an optional dependency."""
-    try:
-        from matplotlib import figure
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-    except ImportError as e:
-        raise ImportError('plotting explanations needs matplotlib: pip install matplotlib, or timm-bcos[eval]') from e
-    return figure, FigureCanvasAgg
-
-
-def explain_images(
-        model: nn.Module,
-        paths: Sequence[Union[str, os.PathLike]],
-        out_dir: Union[str, os.PathLike],
-        target: Optional[int] = None,
-        *,
-        k: Optional[int] = None,
-        layer: Optional[str] = None,
-        neuron: Optional[int] = None,
-        batch_size: int = 32,
-) -> List[dict]:
-    """Explain image files: one PNG per image in `out_dir` and ``results.json`` (predictions,
-    probabilities, the Eq. 13 faithfulness error per image). Images go through
-    `create_transform(model)` and are explained `batch_size` at a time (one `explain` call each)."""
-    import json
-    from .data import load_images
-
-    if batch_size < 1:
-        raise ValueError(f'batch_size must be >= 1, got {batch_size}')
-    os.makedirs(out_dir, exist_ok=True)
-    results = []
-    for start in range(0, len(paths), batch_size):
-        chunk = list(paths[start:start + batch_size])
-        x = load_images(model, chunk)
-        if layer is None:
-            e = explain(model, x, target, k=k)
-        else:
-            e = explain(model, x, layer=layer, neuron=neuron)
-        names = e.class_names
-        for i, path in enumerate(chunk):
-            png = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + '.png')
-            e.save(png, index=i)
-            error = _image_error(e, i)
-            results.append(dict(
-                image=os.fspath(path), png=png, targets=e.targets[i].tolist(), explained=e.logits[i].tolist(),
-                prediction=None if e.prediction is None else int(e.prediction[i]),
-                class_name=None if e.prediction is None or names is None else names[int(e.prediction[i])],
-                probabilities=None if e.probabilities is None else e.probabilities[i].tolist(),
-                faithfulness_error=error if math.isfinite(error) else None))
-    fd, tmp = tempfile.mkstemp(suffix='.json', dir=out_dir)
-    with os.fdopen(fd, 'w') as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, 'results.json'))
-    return results
-
-
-def _image_error(e: Explanation, i: int) -> float:
-    """`Explanation.check` restricted to image `i`."""
-    contributions, bias, logits = e.contributions[i], e.bias[i], e.logits[i]
-    if not all(torch.isfinite(t).all() for t in (contributions, bias, logits)):
-        return math.inf
-    err = (contributions.sum((-2, -1)) + bias - logits).abs().max()
-    return relative_error(err, (logits - bias).abs().max(), logits, 'explain_images')

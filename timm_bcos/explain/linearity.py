@@ -1,20 +1,32 @@
-"""Check the core invariant of B-cos networks: ``f(x) = W(x) x + b`` exactly (paper Eq. 13)."""
+"""The core invariant of B-cos networks: ``f(x) = W(x) x + b`` exactly (paper Eq. 13), and its error."""
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from .layers import LogitLayer, explanation_mode
+from ..layers import LogitLayer, explanation_mode
 
-__all__ = ['check_dynamic_linearity', 'relative_error']
+__all__ = ['check_dynamic_linearity', 'eq13_error']
 
 
-def relative_error(error: Tensor, scale: Tensor, outputs: Tensor, what: str) -> float:
-    """``error / scale`` for the Eq. 13 checks; NaN with a warning when `scale` (the largest
-    ``|f(x) - b|``) is too small to resolve in the dtype of `outputs` -- never a vacuous 0."""
+def eq13_error(linear: Tensor, bias: Tensor, outputs: Tensor, what: str = 'eq13_error') -> float:
+    """The Eq. 13 error: ``max |linear + bias - outputs| / max |outputs - bias|``.
+
+    `linear` is ``sum(W(x) * x)`` per explained output, `bias` is ``b = f(0)`` (broadcast against
+    `outputs`). Normalised by ``|f(x) - b|``, not ``|f(x)|``: untrained B-cos outputs are tiny next to
+    a logit bias such as ``-log(999)``. Returns inf when any value is NaN or inf, and NaN with a
+    warning when ``f(x) - b`` is too small to resolve in the dtype of `outputs` -- never a vacuous 0.
+    This is the one definition behind `Explanation.check`, `check_dynamic_linearity` and every
+    ``eq13_error`` in results files and model cards.
+    """
+    if not all(torch.isfinite(t).all() for t in (linear, bias, outputs)):
+        return math.inf
+    error = (linear + bias - outputs).abs().max()
+    scale = (outputs - bias).abs().max()
     if not scale > 1e3 * torch.finfo(outputs.dtype).eps * outputs.abs().max():
         warnings.warn(f'{what}: the outputs differ from the bias b = f(0) by at most {scale.item():.3g}, too '
                       f'little to resolve in {outputs.dtype}; returning NaN. Check in float64 '
@@ -29,13 +41,12 @@ def check_dynamic_linearity(
         x: Tensor,
         targets: Optional[Union[Sequence[int], Tensor]] = None,
 ) -> float:
-    """Max relative error of ``sum(W(x) * x) + b`` against the model's outputs.
+    """`eq13_error` of ``sum(W(x) * x) + b`` against the model's outputs.
 
     ``W(x)`` is the input gradient of each explained output in explanation mode (§3.2.1) and
     ``b = f(0)``, the output at a zero input (every B-cos layer maps 0 to 0). The logit bias of
     each `LogitLayer` is taken out during the check, because untrained B-cos outputs are tiny next
-    to a bias such as ``-log(999)``; the error is normalised by the largest ``|f(x) - b|``. When
-    that is too small to resolve in the outputs' dtype the check warns and returns NaN.
+    to a bias such as ``-log(999)``.
 
     Args:
         model: a dynamic-linear model taking the encoded input (it is run in eval mode).
@@ -58,19 +69,17 @@ def check_dynamic_linearity(
         if out.dim() != 2:
             raise ValueError(f'expected (N, classes) outputs, got shape {tuple(out.shape)}')
         if targets is None:
-            columns = [out.argmax(1), out.argmin(1)]
+            columns = torch.stack([out.argmax(1), out.argmin(1)], 1)
         else:
-            columns = [torch.full((len(x),), int(t), device=x.device) for t in targets]
-        rows = torch.arange(len(x), device=x.device)
-        errors, scales = [], []
-        for j, col in enumerate(columns):
+            columns = torch.tensor([int(t) for t in targets], device=x.device).expand(len(x), -1)
+        rows = torch.arange(len(x), device=x.device)[:, None]
+        selected = out[rows, columns]
+        linear = torch.empty_like(selected)
+        for j in range(columns.shape[1]):
             # Samples are independent, so one backward of the batch sum gives every row of W(x).
-            (grad,) = torch.autograd.grad(out[rows, col].sum(), x, retain_graph=j + 1 < len(columns))
-            linear = (grad * x).flatten(1).sum(1)
-            errors.append((linear + bias[0, col] - out[rows, col]).abs().max())
-            scales.append((out[rows, col] - bias[0, col]).abs().max())
-        return relative_error(torch.stack(errors).max(), torch.stack(scales).max(), out.detach(),
-                              'check_dynamic_linearity')
+            (grad,) = torch.autograd.grad(selected[:, j].sum(), x, retain_graph=j + 1 < columns.shape[1])
+            linear[:, j] = (grad * x).flatten(1).sum(1)
+        return eq13_error(linear.detach(), bias[0, columns], selected.detach(), 'check_dynamic_linearity')
     finally:
         model.train(was_training)
         for m, bias in zip(logit_layers, biases):
