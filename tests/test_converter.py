@@ -9,9 +9,9 @@ from torch import nn
 
 import timm_bcos
 from timm_bcos import AddInverse, BcosConv2d, DynamicGate, UnsupportedModuleError, convert_to_bcos
-from timm_bcos.converter import unconverted_modules
+from timm_bcos.convert import unconverted_modules
 from timm_bcos.layers import BcosClassifier, BcosConvClassifier
-from timm_bcos.coverage import COVERAGE_MODELS, check_model
+from timm_bcos.convert.coverage import COVERAGE_MODELS, check_model
 
 
 def _x(n=2, size=32, dtype=torch.float64):
@@ -51,7 +51,7 @@ def test_user_model():
     gates = [m for m in model.modules() if isinstance(m, DynamicGate)]
     assert len(gates) == 1 and gates[0].gate_fn is torch.sigmoid
     assert unconverted_modules(model) == []
-    assert isinstance(model, timm_bcos.mixin.BcosModelMixin) and type(model).__name__ == 'BcosUserNet'
+    assert isinstance(model, timm_bcos.convert.BcosModelMixin) and type(model).__name__ == 'BcosUserNet'
     model = model.double()
     for training in (True, False):  # the rewritten forward exists for both modes
         model.train(training)

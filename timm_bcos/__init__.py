@@ -1,6 +1,6 @@
 """timm-bcos: B-cos networks (Böhle, Fritz, Schiele, CVPR 2022) for timm."""
 from . import bcos_models, data, models
-from .converter import UnsupportedModuleError, convert_to_bcos, unconverted_modules
+from .convert import UnsupportedModuleError, convert_to_bcos, unconverted_modules
 from .explain import Explanation, check_dynamic_linearity, explain
 from .layers import (
     AddInverse,

@@ -34,7 +34,7 @@ from timm.models import (PretrainedCfg, generate_default_cfgs, get_pretrained_cf
 from torch import nn
 
 from ._utils import ASSETS
-from .converter import convert_to_bcos
+from .convert import convert_to_bcos
 from .models import BcosSimpleNet, SimpleConvNet
 from .pretrained import build_bcos_model
 from .v1_weights import V1_MODELS, create_v1_model, map_v1_state_dict, v1_weights_file

@@ -56,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         {'explain': _explain, 'publish': _publish, 'pull': _pull}[args.command](args)
         return
     if args.command == 'coverage':
-        from .coverage import main as run
+        from .convert.coverage import main as run
     elif args.command == 'train':
         from .train import main as run
     elif args.command == 'evaluate':

@@ -22,7 +22,6 @@ import torch
 from ._utils import save_figure, write_json
 from .data import demo_images, load_images
 from .explain import check_dynamic_linearity, describe, explain, save_explanations
-from .explain.visualisation import overview_figure
 from .pretrained import load_model
 
 DEFAULT_MODEL = 'bcos_simple_cifar_tiny.fashion_mnist'
@@ -59,8 +58,8 @@ def main(argv=None) -> None:
     truths = [_true_label(r['image'], e.class_names or []) for r in results]
     correct = sum(t == r['class_name'] for t, r in zip(truths, results))
     overview = os.path.join(args.out, 'overview.png')
-    fig = overview_figure(
-        e, [f'{r["class_name"]}\n({r["probabilities"][0]:.2f})' for r in results],
+    fig = e.plot_overview(
+        [f'{r["class_name"]}\n({r["probabilities"][0]:.2f})' for r in results],
         [t is not None and t != r['class_name'] for t, r in zip(truths, results)],
         f'{model.pretrained_cfg.get("architecture", "")}: predicted class (sigmoid probability) and its explanation '
         f'W(x)x; red = wrong')

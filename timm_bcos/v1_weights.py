@@ -174,7 +174,7 @@ def create_v1_model(tag: str, num_classes: Optional[int] = None, state_dict: Opt
     (CIFAR: `BcosSimpleNet`, e.g. ``widths``). ``state_dict``: an optional v1 state dict
     (``torch.load`` of the release file), mapped with `map_v1_state_dict` and loaded strictly.
     """
-    from .converter import convert_to_bcos
+    from .convert import convert_to_bcos
     from .models import BcosSimpleNet
 
     if tag not in V1_MODELS:

@@ -113,7 +113,7 @@ def create_v2_model(name: str, num_classes: int = 1000, state_dict: Optional[Dic
     """
     import timm
 
-    from .converter import convert_to_bcos
+    from .convert import convert_to_bcos
 
     if name not in V2_ARCHS:
         raise KeyError(f'unknown B-cos v2 architecture {name!r}; known: {sorted(V2_ARCHS)}')

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .._utils import save_figure
 from .linearity import eq13_error
-from .visualisation import draw_explanations, explanation_rgba
+from .visualisation import explanation_rgba, new_figure
 
 __all__ = ['Explanation']
 
@@ -113,7 +113,7 @@ class Explanation:
             the matplotlib Figure.
         """
         self._check_index(index)
-        return draw_explanations(self, [index], ax, class_names)
+        return self._draw([index], ax, class_names)
 
     def save(self, path: Union[str, os.PathLike], class_names: Optional[Sequence[str]] = None,
              index: Optional[int] = None) -> None:
@@ -122,7 +122,30 @@ class Explanation:
         indices = range(len(self.inputs)) if index is None else [index]
         for i in indices:
             self._check_index(i)
-        save_figure(draw_explanations(self, list(indices), None, class_names), path)
+        save_figure(self._draw(list(indices), None, class_names), path)
+
+    def plot_overview(self, titles: Optional[Sequence[str]] = None, wrong: Optional[Sequence[bool]] = None,
+                      title: str = '', cols: int = 8):
+        """All images in a grid, each above the colour explanation (`to_rgba`) of its first target,
+        on black. `titles`: one per image (default: the first target's label); `wrong`: images
+        whose title is drawn in red. Returns the matplotlib Figure."""
+        n = len(self.inputs)
+        titles = [self.label(i, 0, self.class_names) for i in range(n)] if titles is None else titles
+        wrong = [False] * n if wrong is None else wrong
+        rows = -(-n // cols)
+        fig = new_figure(figsize=(1.6 * cols, 3.5 * rows))
+        axes = fig.subplots(2 * rows, cols, squeeze=False)
+        for ax in axes.flat:
+            ax.axis('off')
+        for i in range(n):
+            top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+            top.imshow(self.inputs[i, :3].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy())
+            top.set_title(titles[i], fontsize=8, color='red' if wrong[i] else 'black')
+            rgba = self.to_rgba(index=i)
+            bottom.imshow(rgba[..., :3] * rgba[..., 3:])  # on black, as in the explanation PNGs
+        if title:
+            fig.suptitle(title, fontsize=9)
+        return fig
 
     def label(self, i: int, j: int, names: Optional[Sequence[str]] = None) -> str:
         """Title of image `i`'s target column `j`: the class name (or layer unit) and its probability (value)."""
@@ -132,6 +155,38 @@ class Explanation:
             return f'{self.layer}[{c}]{where}: {self.logits[i, j].item():.3g}'
         name = names[c] if names is not None and c < len(names) else f'class {c}'
         return f'{name}: p={self.probabilities[i, j].item():.3f}'
+
+    def _draw(self, indices: List[int], ax, class_names: Optional[Sequence[str]]):
+        """One row per (image, target): the input, `to_rgba` and the contribution map (Eq. 15)."""
+        names = list(class_names) if class_names is not None else self.class_names
+        t = self.targets.shape[1]
+        rows = len(indices) * t
+        if ax is None:
+            fig = new_figure(figsize=(7.5, 2.6 * rows))
+            axes = np.asarray(fig.subplots(rows, 3, squeeze=False))
+        else:
+            axes = np.asarray(ax, dtype=object)
+            if axes.size != rows * 3:
+                raise ValueError(f'ax must hold {rows * 3} axes ({rows} targets x 3 panels), got {axes.size}')
+            axes = axes.reshape(rows, 3)
+            fig = axes[0, 0].figure
+        for r, (i, j) in enumerate((i, j) for i in indices for j in range(t)):
+            image = self.inputs[i, :3].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
+            contrib = self.contributions[i, j].float().cpu().numpy()
+            vmax = float(np.abs(contrib).max()) or 1.0
+            a_img, a_rgba, a_map = axes[r]
+            a_img.imshow(image)
+            a_img.set_title(f'image {i}', fontsize=9)
+            a_rgba.set_facecolor('black')
+            a_rgba.imshow(self.to_rgba(i, j))
+            a_rgba.set_title(self.label(i, j, names), fontsize=9)
+            im = a_map.imshow(contrib, cmap='bwr', vmin=-vmax, vmax=vmax)
+            a_map.set_title('contributions (Eq. 15)', fontsize=9)
+            fig.colorbar(im, ax=a_map, fraction=0.046, pad=0.04)
+            for a in axes[r]:
+                a.set_xticks([])
+                a.set_yticks([])
+        return fig
 
     def _check_index(self, index: int) -> int:
         if not -len(self.inputs) <= index < len(self.inputs):

@@ -1,20 +1,15 @@
-"""Pictures of explanations: the paper's colour visualisation (§4) and matplotlib figures.
+"""The paper's colour visualisation of explanations (§4), and figures to draw them on.
 
 matplotlib is optional (``timm-bcos[eval]``): it is imported only when a figure is drawn.
 """
 from __future__ import annotations
-
-from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .explanation import Explanation
-
-__all__ = ['draw_explanations', 'explanation_rgba', 'new_figure', 'overview_figure']
+__all__ = ['explanation_rgba', 'new_figure']
 
 
 def explanation_rgba(weights: Tensor, contributions: Tensor, smooth: int = 1, percentile: float = 99.5) -> np.ndarray:
@@ -57,58 +52,4 @@ def new_figure(**kwargs):
         raise ImportError('plotting needs matplotlib: pip install matplotlib, or timm-bcos[eval]') from e
     fig = Figure(layout='constrained', **kwargs)
     FigureCanvasAgg(fig)
-    return fig
-
-
-def draw_explanations(e: 'Explanation', indices: List[int], ax=None, class_names: Optional[Sequence[str]] = None):
-    """One row per (image, target): the input, `Explanation.to_rgba` and the contribution map (Eq. 15).
-
-    `ax`: optional axes to draw into (3 per row, any shape); default: a new figure.
-    """
-    names = list(class_names) if class_names is not None else e.class_names
-    t = e.targets.shape[1]
-    rows = len(indices) * t
-    if ax is None:
-        fig = new_figure(figsize=(7.5, 2.6 * rows))
-        axes = np.asarray(fig.subplots(rows, 3, squeeze=False))
-    else:
-        axes = np.asarray(ax, dtype=object)
-        if axes.size != rows * 3:
-            raise ValueError(f'ax must hold {rows * 3} axes ({rows} targets x 3 panels), got {axes.size}')
-        axes = axes.reshape(rows, 3)
-        fig = axes[0, 0].figure
-    for r, (i, j) in enumerate((i, j) for i in indices for j in range(t)):
-        image = e.inputs[i, :3].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
-        contrib = e.contributions[i, j].float().cpu().numpy()
-        vmax = float(np.abs(contrib).max()) or 1.0
-        a_img, a_rgba, a_map = axes[r]
-        a_img.imshow(image)
-        a_img.set_title(f'image {i}', fontsize=9)
-        a_rgba.set_facecolor('black')
-        a_rgba.imshow(e.to_rgba(i, j))
-        a_rgba.set_title(e.label(i, j, names), fontsize=9)
-        im = a_map.imshow(contrib, cmap='bwr', vmin=-vmax, vmax=vmax)
-        a_map.set_title('contributions (Eq. 15)', fontsize=9)
-        fig.colorbar(im, ax=a_map, fraction=0.046, pad=0.04)
-        for a in axes[r]:
-            a.set_xticks([])
-            a.set_yticks([])
-    return fig
-
-
-def overview_figure(e: 'Explanation', titles: Sequence[str], wrong: Sequence[bool], suptitle: str, cols: int = 8):
-    """Every image above the colour explanation of its first target (on black); red titles for `wrong`."""
-    n = len(e.inputs)
-    rows = -(-n // cols)
-    fig = new_figure(figsize=(1.6 * cols, 3.5 * rows))
-    axes = fig.subplots(2 * rows, cols, squeeze=False)
-    for ax in axes.flat:
-        ax.axis('off')
-    for i in range(n):
-        top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
-        top.imshow(e.inputs[i, :3].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy())
-        top.set_title(titles[i], fontsize=8, color='red' if wrong[i] else 'black')
-        rgba = e.to_rgba(index=i)
-        bottom.imshow(rgba[..., :3] * rgba[..., 3:])  # on black, as in the explanation PNGs
-    fig.suptitle(suptitle, fontsize=9)
     return fig

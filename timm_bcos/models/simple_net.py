@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 from torch import Tensor, nn
 
 from ..layers import BcosConv2d, LogitLayer
-from ..mixin import BcosModelMixin
+from ..convert.mixin import BcosModelMixin
 from .conv_head import ConvHeadNet
 
 __all__ = ['BcosSimpleNet']

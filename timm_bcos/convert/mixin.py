@@ -6,8 +6,9 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
-from .explain import Explanation, check_dynamic_linearity, explain
-from .layers import explanation_mode
+from ..explain import Explanation, check_dynamic_linearity, explain
+from ..layers import explanation_mode
+from .heads import reconvert_classifier
 
 __all__ = ['BcosModelMixin', 'attach_bcos_mixin']
 
@@ -33,20 +34,10 @@ class BcosModelMixin:
 
     def reset_classifier(self, num_classes: int, *args, **kwargs) -> None:
         """timm's reset_classifier, then the new classifier is converted to B-cos again."""
-        from .converter import _classifier_path, _Context, _convert_head, _convert_tree
-
         if not hasattr(super(), 'reset_classifier'):
             raise AttributeError(f'{type(self).__name__} has no reset_classifier (not a timm model)')
         super().reset_classifier(num_classes, *args, **kwargs)
-        cfg = self.bcos_cfg
-        ctx = _Context(b=cfg['b'], max_out=cfg['max_out'], norm=cfg['norm'], strict=True,
-                       scale='auto' if cfg['norm'] == 'none' else None)
-        path = _classifier_path(self)
-        if path is not None:
-            parent, _, name = path.rpartition('.')
-            owner = self.get_submodule(parent) if parent else self
-            setattr(owner, name, _convert_tree(getattr(owner, name), path, ctx))
-        cfg['logit_bias'] = _convert_head(self, path, ctx, cfg['head'], None, cfg['logit_temperature'])
+        self.bcos_cfg['logit_bias'] = reconvert_classifier(self, self.bcos_cfg)
 
 
 def attach_bcos_mixin(model: nn.Module, bcos_cfg: Dict[str, Any]) -> nn.Module:

@@ -19,8 +19,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .converter import TRUSTED_FORWARDS, convert_to_bcos, unconverted_modules
-from .layers import AddInverse
+from ..layers import AddInverse
+from .converter import convert_to_bcos, unconverted_modules
+from .rules import TRUSTED_FORWARDS
 
 __all__ = ['COVERAGE_MODELS', 'EXTRA_MODELS', 'CoverageResult', 'check_model', 'write_report']
 

@@ -1,0 +1,77 @@
+"""`convert_to_bcos`: turn any timm CNN (or a user's own) into a B-cos network by rewriting its graph
+(paper §3.3), in two passes driven by rule tables: the fx pass over every custom module's forward
+(`timm_bcos.convert.rewrite`) and the module rules for the leaves (`timm_bcos.convert.rules`); then
+the stem takes the [x, 1-x] input and the classifier gets the logit bias of Eq. 16 (`heads`).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+from torch import nn
+
+from ..layers import BcosConv2d, BcosLinear, DynamicGate
+from .heads import classifier_path, convert_head, convert_stem, stem_paths
+from .mixin import attach_bcos_mixin
+from .rewrite import convert_tree
+from .rules import ConversionContext, find_rule, is_activation, is_norm
+
+__all__ = ['convert_to_bcos', 'unconverted_modules']
+
+
+def unconverted_modules(model: nn.Module) -> List[str]:
+    """Paths of modules a B-cos network should not contain: norms, activations (outside gates),
+    max-pools, and plain convolutions / linear layers. Empty for a fully converted model."""
+    gates = {id(m) for g in model.modules() if isinstance(g, DynamicGate) for m in g.modules()}
+    bad = (nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Conv2d, nn.Linear)
+    return [f'{path} ({type(m).__name__})' for path, m in model.named_modules()
+            if id(m) not in gates and not isinstance(m, (BcosConv2d, BcosLinear))
+            and (isinstance(m, bad) or is_norm(m) or is_activation(m))]
+
+
+def convert_to_bcos(
+        model: nn.Module,
+        *,
+        b: float = 2.0,
+        max_out: int = 2,
+        norm: str = 'none',
+        in_chans: int = 6,
+        logit_bias: Optional[float] = None,
+        logit_temperature: Optional[float] = None,
+        head: str = 'auto',
+        strict: bool = True,
+) -> nn.Module:
+    """Convert a CNN (any timm model or a user's own) into a B-cos network, in place.
+
+    Args:
+        model: the network; timm models keep their API (forward_features, forward_head,
+            get_classifier, reset_classifier, pretrained_cfg).
+        b: the exponent B of every B-cos layer (Eq. 3).
+        max_out: MaxOut units per output (Eq. 17; the paper uses 2, v2 uses 1).
+        norm: 'none' removes norm layers (the paper's design, with v1's output scale so the net
+            trains); 'bnu' makes them bias-free and uncentered (v2), without the output scale.
+        in_chans: input channels of the stem (6: the [x, 1-x] encoding of §4).
+        logit_bias: the bias b of Eq. 16; default -log(C - 1), the prior 1/C under BCE.
+        logit_temperature: an optional divisor of the logits (v1 uses one per model).
+        head: 'auto' keeps timm's pool -> classifier (a `BcosLinear`); 'conv' puts a 1x1 B-cos conv
+            before global average pooling (the v1/v2 layout).
+        strict: raise `UnsupportedModuleError` for anything that would break dynamic linearity;
+            False warns and leaves it.
+
+    Returns:
+        The same model object, converted, with the `BcosModelMixin` methods (explanation_mode,
+        check_dynamic_linearity, explain).
+    """
+    if norm not in ('none', 'bnu'):
+        raise ValueError(f"norm must be 'none' or 'bnu', got {norm!r}")
+    if head not in ('auto', 'conv'):
+        raise ValueError(f"head must be 'auto' or 'conv', got {head!r}")
+    if find_rule(model) is not None:
+        raise TypeError(f'convert_to_bcos expects a network, got a single {type(model).__name__}')
+    ctx = ConversionContext.create(b, max_out, norm, strict)
+    stems, classifier = stem_paths(model), classifier_path(model)
+    convert_tree(model, '', ctx)
+    convert_stem(model, stems, in_chans, ctx)
+    logit_bias = convert_head(model, classifier, ctx, head, logit_bias, logit_temperature)
+    return attach_bcos_mixin(model, dict(
+        b=b, max_out=max_out, norm=norm, in_chans=in_chans, logit_bias=logit_bias,
+        logit_temperature=logit_temperature, head=head, stem=stems, classifier=classifier))

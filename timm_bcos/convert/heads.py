@@ -1,0 +1,106 @@
+"""The ends of a converted network: the stem takes the 6-channel [x, 1-x] input (§4) and the
+classifier gets the fixed logit map of Eq. 16 (as a `BcosClassifier`, or v1/v2's 1x1 conv head)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence
+
+from torch import nn
+
+from ..layers import BcosClassifier, BcosConv2d, BcosConv2dSame, BcosConvClassifier, BcosLinear
+from .rewrite import convert_tree
+from .rules import ConversionContext, UnsupportedModuleError
+
+__all__ = ['classifier_path', 'convert_head', 'convert_stem', 'reconvert_classifier', 'stem_paths']
+
+
+def _module_path(model: nn.Module, target: Optional[nn.Module]) -> Optional[str]:
+    return next((n for n, m in model.named_modules() if m is target), None) if target is not None else None
+
+
+def stem_paths(model: nn.Module) -> List[str]:
+    """Convs that take the image: timm's pretrained_cfg['first_conv'], else the first Conv2d."""
+    first = (getattr(model, 'pretrained_cfg', None) or {}).get('first_conv')
+    if first:
+        return [first] if isinstance(first, str) else list(first)
+    return next(([n] for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), [])
+
+
+def classifier_path(model: nn.Module) -> Optional[str]:
+    """timm's get_classifier(), else pretrained_cfg['classifier'], else the last Linear."""
+    if hasattr(model, 'get_classifier'):
+        path = _module_path(model, model.get_classifier())
+        if path is not None:
+            return path
+    cfg_path = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier')
+    if isinstance(cfg_path, str) and isinstance(_get_submodule(model, cfg_path), nn.Linear):
+        return cfg_path
+    return next((n for n, m in reversed(list(model.named_modules())) if isinstance(m, nn.Linear)), None)
+
+
+def _get_submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition('.')
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def convert_stem(model: nn.Module, paths: Sequence[str], in_chans: int, ctx: ConversionContext) -> None:
+    for path in paths:
+        conv = _get_submodule(model, path)
+        if not isinstance(conv, BcosConv2d):
+            raise UnsupportedModuleError(path, type(conv).__name__, 'the stem must be a convolution')
+        if conv.in_channels == in_chans:
+            continue
+        if conv.groups != 1:
+            raise UnsupportedModuleError(path, 'grouped stem conv', f'cannot change its input to {in_chans} channels')
+        kwargs = dict(stride=conv.stride, dilation=conv.dilation, **ctx.bcos_kwargs())
+        if isinstance(conv, BcosConv2dSame):
+            new = BcosConv2dSame(in_chans, conv.out_channels, conv.kernel_size, **kwargs)
+        else:
+            new = BcosConv2d(in_chans, conv.out_channels, conv.kernel_size, padding=conv.padding,
+                             padding_mode=conv.padding_mode, **kwargs)
+        _set_submodule(model, path, new.to(device=conv.weight.device, dtype=conv.weight.dtype))
+
+
+def convert_head(model: nn.Module, path: Optional[str], ctx: ConversionContext, head: str, logit_bias: Optional[float],
+                  logit_temperature: Optional[float]) -> Optional[float]:
+    """Give the classifier the logit map of Eq. 16; returns the logit bias used."""
+    clf = _get_submodule(model, path) if path else None
+    if not isinstance(clf, BcosLinear):
+        if logit_bias is not None or head == 'conv':
+            raise UnsupportedModuleError(path or '', type(clf).__name__ if clf is not None else 'no classifier',
+                                         'the logit bias / conv head needs a Linear classifier')
+        return None
+    num_classes = clf.out_features
+    if logit_bias is None:
+        logit_bias = -math.log(num_classes - 1) if num_classes > 1 else 0.0
+    kwargs = dict(logit_bias=logit_bias, logit_temperature=logit_temperature, **ctx.bcos_kwargs())
+    if head == 'auto':
+        new = BcosClassifier(clf.in_features, num_classes, **kwargs)
+    else:
+        parent = model.get_submodule(path.rpartition('.')[0]) if '.' in path else model
+        pool = getattr(parent, 'global_pool', None)
+        if pool is None or type(pool).__name__ != 'SelectAdaptivePool2d':
+            raise UnsupportedModuleError(path, "head='conv'", 'needs a timm global_pool (SelectAdaptivePool2d) '
+                                                              'next to the classifier')
+        from timm.layers import SelectAdaptivePool2d
+        parent.global_pool = SelectAdaptivePool2d(pool_type='', flatten=False)
+        new = BcosConvClassifier(clf.in_features, num_classes, **kwargs)
+    _set_submodule(model, path, new.to(device=clf.weight.device, dtype=clf.weight.dtype))
+    return logit_bias
+
+
+def reconvert_classifier(model: nn.Module, bcos_cfg: Dict[str, Any]) -> Optional[float]:
+    """After timm's ``reset_classifier``: convert the new classifier with the model's conversion
+    settings and give it the logit map of Eq. 16 again; returns the logit bias used."""
+    ctx = ConversionContext.create(bcos_cfg['b'], bcos_cfg['max_out'], bcos_cfg['norm'])
+    path = classifier_path(model)
+    if path is not None:
+        _set_submodule(model, path, convert_tree(model.get_submodule(path), path, ctx))
+    return convert_head(model, path, ctx, bcos_cfg['head'], None, bcos_cfg['logit_temperature'])

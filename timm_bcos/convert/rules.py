@@ -1,0 +1,231 @@
+"""The module rules of the converter (pass 2, paper §3.3): which leaf module becomes what.
+
+conv -> `BcosConv2d`, linear -> `BcosLinear`, norms removed (``norm='none'``, the paper) or made
+bias-free and uncentered (``norm='bnu'``, v2), activations removed (or kept as a `DynamicGate` where
+they make a gate), max-pools -> average pools, linear modules kept. `MODULE_RULES` is the table;
+`ConversionContext` carries the settings of one conversion.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+from torch import nn
+
+from ..layers import (AddInverse, BatchNormUncentered2d, BcosConv2d, BcosConv2dSame, BcosLinear, DetachableModule,
+                      DynamicGate, GroupNormUncentered, LayerNorm2dUncentered, LogitLayer)
+
+__all__ = ['ConversionContext', 'LINEAR_UPSAMPLE_MODES', 'MODULE_RULES', 'ModuleRule', 'SUPPORTED_SUMMARY',
+           'TIMM_ACTIVATION_MODULES', 'TRUSTED_FORWARDS', 'UnsupportedModuleError', 'find_rule', 'is_activation',
+           'is_norm', 'pair', 'timm_classes']
+
+
+class UnsupportedModuleError(TypeError):
+    """A module or operation whose conversion could not keep the model dynamic-linear."""
+
+    def __init__(self, path: str, what: str, reason: str) -> None:
+        self.path, self.what, self.reason = path, what, reason
+        super().__init__(
+            f'cannot convert {what} at {path or "<root>"!r} to B-cos: {reason}. '
+            f'Supported: {SUPPORTED_SUMMARY}. Use strict=False to leave it unconverted (the model is '
+            f'then not exactly W(x) x + b).')
+
+
+# --- module classes -------------------------------------------------------------------------
+
+_TIMM_LAYER_MODULES = ('timm.layers', 'timm.layers.pool2d_same', 'timm.layers.adaptive_avgmax_pool',
+                       'timm.layers.conv2d_same')
+
+
+def timm_classes(*names: str) -> Tuple[type, ...]:
+    """timm layer classes by name (absent ones are skipped: timm versions differ)."""
+    modules = [importlib.import_module(m) for m in _TIMM_LAYER_MODULES]
+    found = {n: getattr(m, n) for m in reversed(modules) for n in names if hasattr(m, n)}
+    return tuple(found[n] for n in names if n in found)
+
+
+_TORCH_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.LogSigmoid, nn.Threshold,
+)
+TIMM_ACTIVATION_MODULES = ('timm.layers.activations', 'timm.layers.activations_me')
+_TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+_TIMM_NORM_MODULES = ('timm.layers.norm', 'timm.layers.norm_act', 'timm.layers.evo_norm',
+                      'timm.layers.filter_response_norm', 'timm.layers.inplace_abn')
+_LINEAR_LEAVES = (
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.AvgPool1d,
+    nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten,
+    nn.Unflatten, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d, nn.PixelShuffle,
+    nn.PixelUnshuffle, nn.ChannelShuffle,
+)
+LINEAR_UPSAMPLE_MODES = ('nearest', 'nearest-exact', 'linear', 'bilinear', 'bicubic', 'trilinear', 'area')
+
+
+def is_activation(m: nn.Module) -> bool:
+    return isinstance(m, _TORCH_ACTIVATIONS) or type(m).__module__ in TIMM_ACTIVATION_MODULES
+
+
+def is_norm(m: nn.Module) -> bool:
+    return isinstance(m, _TORCH_NORMS) or type(m).__module__ in _TIMM_NORM_MODULES
+
+
+def _is_linear_leaf(m: nn.Module) -> bool:
+    if isinstance(m, nn.Upsample):
+        return m.mode in LINEAR_UPSAMPLE_MODES
+    if isinstance(m, nn.ConstantPad2d):
+        return m.value == 0
+    timm_linear = timm_classes('DropPath', 'AvgPool2dSame', 'FastAdaptiveAvgPool', 'DropBlock2d')
+    return isinstance(m, _LINEAR_LEAVES + timm_linear)
+
+
+# --- conversion context and module rules ------------------------------------------------------
+
+@dataclass
+class ConversionContext:
+    """The settings of one conversion and what the fx pass found: module paths that compute a gate
+    (kept as `DynamicGate`) and modules that only feed a gate (exempt from the rules)."""
+
+    b: float
+    max_out: int
+    norm: str
+    strict: bool
+    scale: Optional[str]
+    gates: Set[str] = field(default_factory=set)
+    exempt: Set[str] = field(default_factory=set)
+
+    @classmethod
+    def create(cls, b: float, max_out: int, norm: str, strict: bool = True) -> 'ConversionContext':
+        """The paper's design has no norms, so its layers need v1's output scale to train
+        (``scale='auto'``); with uncentered norms (v2) the layers are unscaled."""
+        return cls(b=b, max_out=max_out, norm=norm, strict=strict, scale='auto' if norm == 'none' else None)
+
+    def unsupported(self, path: str, what: str, reason: str) -> None:
+        err = UnsupportedModuleError(path, what, reason)
+        if self.strict:
+            raise err
+        warnings.warn(str(err), stacklevel=3)
+
+    def bcos_kwargs(self) -> Dict[str, Any]:
+        return dict(b=self.b, max_out=self.max_out, scale=self.scale)
+
+
+def _convert_conv(m: nn.Conv2d, ctx: ConversionContext, path: str) -> nn.Module:
+    conv_same = timm_classes('Conv2dSame', 'Conv2dSameExport')
+    kwargs = dict(stride=m.stride, dilation=m.dilation, groups=m.groups, **ctx.bcos_kwargs())
+    if isinstance(m, conv_same):
+        new = BcosConv2dSame(m.in_channels, m.out_channels, m.kernel_size, **kwargs)
+    else:
+        new = BcosConv2d(m.in_channels, m.out_channels, m.kernel_size, padding=m.padding,
+                         padding_mode=m.padding_mode, **kwargs)
+    return new.to(device=m.weight.device, dtype=m.weight.dtype)
+
+
+def _convert_linear(m: nn.Linear, ctx: ConversionContext, path: str) -> nn.Module:
+    return BcosLinear(m.in_features, m.out_features, **ctx.bcos_kwargs()).to(
+        device=m.weight.device, dtype=m.weight.dtype)
+
+
+def _convert_norm(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Module:
+    if ctx.norm == 'none':
+        return nn.Identity()
+    layer_norm_2d = timm_classes('LayerNorm2d', 'LayerNormAct2d', 'LayerNorm2dFp32', 'LayerNormAct2dFp32')
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) or type(m).__name__.startswith('FrozenBatchNorm'):
+        new = BatchNormUncentered2d(m.num_features, eps=m.eps)
+    elif isinstance(m, nn.GroupNorm):
+        new = GroupNormUncentered(m.num_groups, m.num_channels, eps=m.eps)
+    elif isinstance(m, layer_norm_2d):
+        new = LayerNorm2dUncentered(m.normalized_shape[0], eps=m.eps)
+    else:
+        ctx.unsupported(path, type(m).__name__, "norm='bnu' has uncentered versions of BatchNorm, "
+                                                 "GroupNorm and LayerNorm2d only")
+        return m
+    weight = getattr(m, 'weight', None)
+    return new.to(device=weight.device, dtype=weight.dtype) if weight is not None else new
+
+
+def _convert_activation(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Module:
+    return DynamicGate(m) if path in ctx.gates else nn.Identity()
+
+
+def _convert_max_pool(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Module:
+    max_pool_same, = timm_classes('MaxPool2dSame')
+    if any(d != 1 for d in pair(m.dilation)):
+        ctx.unsupported(path, type(m).__name__, 'a dilated max-pool has no average-pool equivalent')
+        return m
+    if isinstance(m, max_pool_same):
+        from timm.layers import AvgPool2dSame
+        return AvgPool2dSame(m.kernel_size, m.stride, ceil_mode=m.ceil_mode)
+    return nn.AvgPool2d(m.kernel_size, m.stride, m.padding, ceil_mode=m.ceil_mode)
+
+
+def _convert_adaptive_max_pool(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Module:
+    fast = timm_classes('FastAdaptiveMaxPool', 'FastAdaptiveAvgMaxPool')
+    if isinstance(m, fast):
+        fast_avg, = timm_classes('FastAdaptiveAvgPool')
+        new = fast_avg(flatten=m.flatten)
+        new.dim = m.dim
+        return new
+    return nn.AdaptiveAvgPool2d(m.output_size)
+
+
+def _unsupported_pool(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Module:
+    ctx.unsupported(path, type(m).__name__, 'concatenated average+max pooling changes the feature width; '
+                                            "build the model with global_pool='avg'")
+    return m
+
+
+def _keep(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Module:
+    return m
+
+
+def pair(v) -> Tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+@dataclass(frozen=True)
+class ModuleRule:
+    """One line of the conversion table: modules matching `match` are replaced by `convert`."""
+    name: str
+    match: Callable[[nn.Module], bool]
+    convert: Callable[[nn.Module, ConversionContext, str], nn.Module]
+
+
+MODULE_RULES: List[ModuleRule] = [
+    ModuleRule('B-cos / explanation-aware module (kept)',
+               lambda m: isinstance(m, (DetachableModule, LogitLayer, AddInverse)), _keep),
+    ModuleRule('Conv2d (incl. Conv2dSame, grouped, dilated) -> BcosConv2d',
+               lambda m: isinstance(m, nn.Conv2d), _convert_conv),
+    ModuleRule('Linear -> BcosLinear', lambda m: isinstance(m, nn.Linear), _convert_linear),
+    ModuleRule("norms (incl. norm+act) -> removed, or bias-free uncentered with norm='bnu'", is_norm, _convert_norm),
+    ModuleRule('activation -> removed (a gate -> DynamicGate)', is_activation, _convert_activation),
+    ModuleRule('MaxPool2d (incl. MaxPool2dSame) -> AvgPool2d',
+               lambda m: isinstance(m, nn.MaxPool2d), _convert_max_pool),
+    ModuleRule('adaptive max / avg-max pool -> adaptive avg pool',
+               lambda m: isinstance(m, (nn.AdaptiveMaxPool2d,) + timm_classes(
+                   'FastAdaptiveMaxPool', 'FastAdaptiveAvgMaxPool', 'AdaptiveAvgMaxPool2d')),
+               _convert_adaptive_max_pool),
+    ModuleRule('concatenated avg+max pool (unsupported)',
+               lambda m: isinstance(m, timm_classes('FastAdaptiveCatAvgMaxPool', 'AdaptiveCatAvgMaxPool2d')),
+               _unsupported_pool),
+    ModuleRule('linear module (identity, dropout, drop-path, avg-pool, flatten, upsample, zero-pad) kept',
+               _is_linear_leaf, _keep),
+]
+
+SUPPORTED_SUMMARY = '; '.join(r.name for r in MODULE_RULES) + (
+    '; inline residual adds, concatenation, reshapes, mean/sum, average pools, products with '
+    'parameters or constants (layer scale), gated products x * act(...) (squeeze-excite)')
+
+
+# Modules whose forward torch.fx cannot trace (control flow on shapes, list inputs). Each forward was
+# read: besides calls to its children, which the rules convert, it uses only linear operations.
+TRUSTED_FORWARDS: Dict[str, str] = {
+    'timm.models.vgg.ConvMlp': 'adaptive average pooling to at least 7x7 before its convolutions',
+    'timm.models.hrnet.HighResolutionModule': 'branches and sums of fuse layers (convs, nearest upsampling)',
+}
+
+
+def find_rule(m: nn.Module) -> Optional[ModuleRule]:
+    return next((r for r in MODULE_RULES if r.match(m)), None)
