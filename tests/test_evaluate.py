@@ -290,7 +290,7 @@ def test_bcos_models_get_the_encoded_input(tiny_models):
 @pytest.fixture(scope='module')
 def trained_8px(tmp_path_factory):
     """A B-cos net and a baseline trained for a few seconds on 8 px digits (local-dir: folders)."""
-    from timm_bcos.train import TrainConfig, train
+    from timm_bcos.training import TrainConfig, train
 
     root = tmp_path_factory.mktemp('trained')
     runs = {}
@@ -353,7 +353,7 @@ def test_ablation_settings_are_v1s():
 
 def test_ablation_trains_evaluates_and_skips_finished_runs(tmp_path, monkeypatch):
     import timm_bcos.evaluate
-    import timm_bcos.train
+    import timm_bcos.training
     from timm_bcos.evaluate import b_ablation
 
     kwargs = dict(bs=(2.0,), plain=True, img_size=8, epochs=2, batch_size=64, lr=1e-3, grid=2, n_grids=4,
@@ -373,7 +373,7 @@ def test_ablation_trains_evaluates_and_skips_finished_runs(tmp_path, monkeypatch
     def no_evaluation(*args, **kwargs):
         raise AssertionError('evaluated again')
 
-    monkeypatch.setattr(timm_bcos.train, 'train', no_training)
+    monkeypatch.setattr(timm_bcos.training, 'train', no_training)
     monkeypatch.setattr(timm_bcos.evaluate, 'pointing_game', no_evaluation)  # the cached scores are used
     second = b_ablation(tmp_path / 'out2', 'digits', **kwargs)
     assert [r['accuracy'] for r in second['runs']] == [r['accuracy'] for r in first['runs']]

@@ -1,4 +1,4 @@
-"""timm_bcos.train: accelerate training, exact resume, atomic checkpoints, multi-process, export."""
+"""timm_bcos.training: accelerate training, exact resume, atomic checkpoints, multi-process, export."""
 import json
 import os
 import random
@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import timm_bcos
 from timm_bcos.data import SeededSampler, TensorImageDataset, build_datasets, load_fashion_mnist
-from timm_bcos.train import CheckpointError, TrainConfig, lr_factor, main, train
+from timm_bcos.training import CheckpointError, TrainConfig, loss_function, lr_factor, main, train
 
 WIDTHS = (8, 8, 16, 16, 16, 32, 32, 32)
 SUBSET = 512  # 8 steps of 64 per epoch
@@ -108,15 +108,13 @@ def test_schedules_and_lr_scaling():
 
 
 def test_bce_off_label_and_ce_losses():
-    from timm_bcos.train import _loss_fn
-
     logits, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 4])
     one_hot = F.one_hot(y, 5).float()
-    assert torch.allclose(_loss_fn(TrainConfig())(logits, y).mean(),
+    assert torch.allclose(loss_function(TrainConfig())(logits, y).mean(),
                           F.binary_cross_entropy_with_logits(logits, one_hot))
-    assert torch.allclose(_loss_fn(TrainConfig(off_label=True))(logits, y).mean(),
+    assert torch.allclose(loss_function(TrainConfig(off_label=True))(logits, y).mean(),
                           F.binary_cross_entropy_with_logits(logits, one_hot.clamp(min=0.2)))
-    assert torch.allclose(_loss_fn(TrainConfig(loss='ce'))(logits, y).mean(), F.cross_entropy(logits, y))
+    assert torch.allclose(loss_function(TrainConfig(loss='ce'))(logits, y).mean(), F.cross_entropy(logits, y))
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -191,7 +189,7 @@ def test_fashion_mnist_missing_says_how_to_install(tmp_path, monkeypatch):
 # --- resume and checkpoints ------------------------------------------------------------------
 
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path, finished_run, monkeypatch):
-    import timm_bcos.train as train_mod
+    import timm_bcos.training.checkpoint as checkpoint_mod
 
     uninterrupted, _ = finished_run
     out = tmp_path / 'out'
@@ -205,7 +203,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, finished_run, monkey
     def killed(src, dst):
         raise KeyboardInterrupt('killed')
 
-    monkeypatch.setattr(train_mod, '_atomic_replace', killed)
+    monkeypatch.setattr(checkpoint_mod, 'atomic_replace', killed)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(out, resume=True))
     monkeypatch.undo()
@@ -232,13 +230,13 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, finished_run, monkey
 
 
 def test_crash_between_renames_keeps_a_checkpoint(tmp_path, finished_run):
-    from timm_bcos.train import _recover_checkpoint
+    from timm_bcos.training.checkpoint import recover_checkpoint
 
     out = tmp_path / 'out'
     shutil.copytree(finished_run[0], out)
     os.replace(out / 'checkpoint', out / 'checkpoint.old')  # first rename done, second not
     (out / 'checkpoint.tmp').mkdir()
-    _recover_checkpoint(out)
+    recover_checkpoint(out)
     assert (out / 'checkpoint' / 'trainer_state.json').exists()
     assert not (out / 'checkpoint.old').exists() and not (out / 'checkpoint.tmp').exists()
 
@@ -366,7 +364,7 @@ def test_two_processes_match_one_process(tmp_path):
     one, two = tmp_path / 'one', tmp_path / 'two'
     main(args + ['--output', str(one)])
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
-           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'timm_bcos.train',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'timm_bcos.training',
            *args, '--output', str(two)]
     env = dict(os.environ, OMP_NUM_THREADS='1', ACCELERATE_USE_CPU='1')
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

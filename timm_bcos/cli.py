@@ -58,7 +58,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.command == 'coverage':
         from .convert.coverage import main as run
     elif args.command == 'train':
-        from .train import main as run
+        from .training import main as run
     elif args.command == 'evaluate':
         from .evaluate import main as run
     else:

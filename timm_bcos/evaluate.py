@@ -942,7 +942,7 @@ def b_ablation(out: Union[str, Path] = 'conversion/results/ablation', data: str 
 
     from . import bcos_models  # noqa: F401
     from .data import build_datasets
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     out = Path(out)
     runs = Path(runs_dir) if runs_dir is not None else out / 'runs'

@@ -1,0 +1,123 @@
+"""``timm-bcos train``: the command line of `train` (options, ``--config`` recipes, ``--model-kwargs``)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from .checkpoint import METRICS_FILE, CheckpointError
+from .config import LOSSES, PRECISIONS, SCHEDULES, TrainConfig
+from .loop import train
+
+__all__ = ['build_parser', 'main']
+
+
+def build_parser(prog: str = 'timm-bcos train') -> argparse.ArgumentParser:
+    """The options of `main`: one per `TrainConfig` field, with its defaults."""
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog=prog, description='Train a timm model (B-cos or conventional) with accelerate. '
+                                'Run under `accelerate launch` for several GPUs/nodes.')
+    p.add_argument('--config', metavar='JSON', help='a recipe: TrainConfig fields as JSON (e.g. conversion/recipes/'
+                   '*.json); other options override it')
+    p.add_argument('--model', default=d.model, help=f'timm model name (default {d.model})')
+    p.add_argument('--model-kwargs', nargs='+', default=[], metavar='KV',
+                   help='model arguments: KEY=JSON ... or one JSON object, e.g. widths=[16,16,32,32,32,64,64,64]')
+    p.add_argument('--pretrained', action='store_true', help="start from the model's pretrained weights")
+    p.add_argument('--data', default=d.data, help="'digits', 'fashion-mnist' or an image folder (default digits)")
+    p.add_argument('--num-classes', type=int, help="default: the dataset's")
+    p.add_argument('--img-size', type=int, help="default: the model's pretrained_cfg input size")
+    p.add_argument('--train-subset', type=int, help='train on a fixed random subset of N images')
+    p.add_argument('--no-augment', dest='augment', action='store_false', help='no data augmentation')
+    p.add_argument('--auto-augment', help="image folders: timm auto-augment string, e.g. 'rand-m9-mstd0.5'")
+    p.add_argument('--num-workers', type=int, default=d.num_workers)
+    p.add_argument('--epochs', type=int, default=d.epochs)
+    p.add_argument('--batch-size', type=int, default=d.batch_size, help='global batch (default 256)')
+    p.add_argument('--lr', type=float, default=d.lr, help='lr at --lr-base-batch images per step (default 2.5e-4)')
+    p.add_argument('--lr-base-batch', type=int, default=d.lr_base_batch,
+                   help='lr scales with images per step / this (default 256; 0: no scaling)')
+    p.add_argument('--weight-decay', type=float, default=d.weight_decay)
+    p.add_argument('--schedule', choices=SCHEDULES, default=d.schedule)
+    p.add_argument('--step-at', type=float, default=d.step_at, help='step schedule: fraction of training (0.6)')
+    p.add_argument('--step-factor', type=float, default=d.step_factor)
+    p.add_argument('--warmup-epochs', type=float, default=d.warmup_epochs)
+    p.add_argument('--grad-clip', type=float, help='max gradient norm')
+    p.add_argument('--mixed-precision', choices=PRECISIONS, default=d.mixed_precision)
+    p.add_argument('--grad-accum', dest='gradient_accumulation_steps', type=int, default=d.gradient_accumulation_steps)
+    p.add_argument('--loss', choices=LOSSES, default=d.loss)
+    p.add_argument('--off-label', type=_parse_off_label, nargs='?', const=True, default=False,
+                   help='BCE off-targets: 1/C (no value, B-cos v2) or the given value')
+    p.add_argument('--seed', type=int, default=d.seed)
+    p.add_argument('--output', help='output folder (required unless the recipe has one)')
+    p.add_argument('--resume', action='store_true', help='continue from OUTPUT/checkpoint')
+    p.add_argument('--overwrite', action='store_true', help='start afresh in a folder that holds a previous run')
+    p.add_argument('--max-steps', type=int)
+    p.add_argument('--cpu', action='store_true', default=None, help='use the CPU even when a GPU is present')
+    p.add_argument('--no-progress', dest='progress', action='store_false')
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """``timm-bcos train ...`` (also ``python -m timm_bcos.training ...``,
+    ``accelerate launch -m timm_bcos.training ...``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        recipe = _read_recipe(args.config) if args.config else {}
+        if recipe:  # the recipe's values become the defaults; options given on the command line win
+            parser.set_defaults(**{k: v for k, v in recipe.items() if k != 'model_kwargs'})
+            args = parser.parse_args(argv)
+        kw = vars(args)
+        kw.pop('config')
+        if kw['lr_base_batch'] == 0:
+            kw['lr_base_batch'] = None
+        kw['model_kwargs'] = {**recipe.get('model_kwargs', {}), **_parse_kwargs(kw['model_kwargs'])}
+        if not kw['output']:
+            raise ValueError('--output is required')
+        config = TrainConfig(**kw)
+    except (ValueError, argparse.ArgumentTypeError, OSError) as e:
+        raise SystemExit(f'timm-bcos train: {e}')
+    try:
+        results = train(config)
+    except (CheckpointError, FileExistsError, FileNotFoundError) as e:
+        raise SystemExit(f'timm-bcos train: {e}')
+    from accelerate import PartialState
+    if PartialState().is_main_process:
+        print(f'test accuracy {results.get("test_acc", float("nan")):.4f} after {results["epochs_completed"]} '
+              f'epoch(s); model: {args.output}/model.safetensors + config.json, metrics: {args.output}/{METRICS_FILE}')
+    return results
+
+
+def _parse_kwargs(items: Sequence[str]) -> Dict[str, Any]:
+    """``'{"widths": [8, 8]}'`` or ``widths=[8,8] b=2`` (values are JSON, else strings)."""
+    if len(items) == 1 and items[0].lstrip().startswith('{'):
+        return dict(json.loads(items[0]))
+    out = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise argparse.ArgumentTypeError(f'--model-kwargs: expected KEY=VALUE or a JSON object, got {item!r}')
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _read_recipe(path: str) -> Dict[str, Any]:
+    """TrainConfig fields from a JSON file (a recipe, or the ``config`` of a run's results.json)."""
+    with open(path) as f:
+        recipe = json.load(f)
+    recipe = recipe.get('config', recipe) if isinstance(recipe, dict) else recipe
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(recipe, dict) or set(recipe) - known:
+        raise ValueError(f'{path}: not a training recipe (unknown fields '
+                         f'{sorted(set(recipe) - known) if isinstance(recipe, dict) else type(recipe).__name__})')
+    return recipe
+
+
+def _parse_off_label(value: str) -> Union[bool, float]:
+    """``--off-label``'s value: ``true``/``yes``/``1/c`` (1/C, as without a value) or a number."""
+    if value.lower() in ('true', 'yes', '1/c'):
+        return True
+    return float(value)
