@@ -21,10 +21,8 @@ PAPER_NAMES = ['bcos_vgg11', 'bcos_resnet18', 'bcos_resnet34', 'bcos_resnet50', 
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    import huggingface_hub.constants as hf_constants
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+def offline(hub_offline):
+    """Every test here runs offline."""
 
 
 def _x(size=32, n=2):
@@ -129,8 +127,8 @@ def test_hf_hub_from_cache(tmp_path):
 
 def test_unknown_name_lists_close_matches():
     with pytest.raises(RuntimeError, match=r"Unknown model \(bcos_resnet19\).*bcos_resnet18"):
-        timm_bcos.create_model('bcos_resnet19')
-    assert type(timm_bcos.create_model('bcos_simple_cifar')).__name__ == 'BcosSimpleNet'
+        timm_bcos.models.create_model('bcos_resnet19')
+    assert type(timm_bcos.models.create_model('bcos_simple_cifar')).__name__ == 'BcosSimpleNet'
 
 
 def test_weights_missing_offline(tmp_path):
@@ -156,7 +154,7 @@ def test_checkpoint_of_another_architecture(tmp_path):
 
 
 def test_v2_checkpoint_of_another_architecture(tmp_path):
-    from timm_bcos.v2_weights import V2StateDictError
+    from timm_bcos.weights import V2StateDictError
     import bcos.models.pretrained as v2
     torch.save(v2.resnet34(pretrained=False).state_dict(), tmp_path / 'resnet_34.pth')
     with pytest.raises(V2StateDictError, match='resnet34') as info:
@@ -183,7 +181,7 @@ def test_corrupt_checkpoint(tmp_path):
 
 
 def test_load_model_uses_the_default_tags_weights():
-    from timm_bcos.pretrained import load_model
+    from timm_bcos.models import load_model
 
     with pytest.warns(UserWarning, match='no pretrained weights'):
         model = load_model('bcos_simple_cifar')  # its v1 tags have weights, its default has none

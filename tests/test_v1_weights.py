@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 import timm_bcos
 from timm_bcos.layers import BcosConv2d, BcosLinear, LogitLayer
-from timm_bcos.pretrained import load_model
-from timm_bcos.v1_weights import (V1_MODELS, V1StateDictError, create_v1_model, guess_v1_family, map_v1_state_dict,
+from timm_bcos.models import load_model
+from timm_bcos.weights.v1 import (V1_MODELS, V1StateDictError, create_v1_model, guess_v1_family, map_v1_state_dict,
                                   v1_weights_file)
 
 M = 2  # MaxOut units per output in every v1 checkpoint
@@ -553,7 +553,7 @@ def test_vgg_needs_v1_head_and_scales():
     plain = timm_bcos.convert_to_bcos(timm.create_model('vgg11'), **V1_MODELS['vgg11.v1_in1k']['convert_kwargs'])
     with pytest.raises(V1StateDictError) as e:
         map_v1_state_dict({'0.features.0.linear.weight': torch.zeros(128, 6, 3, 3)}, plain)
-    assert 'prepare_v1_vgg_head' in str(e.value) and 'scale' in str(e.value)
+    assert 'prepare_vgg_head' in str(e.value) and 'scale' in str(e.value)
 
 
 @pytest.mark.slow
@@ -592,8 +592,7 @@ def test_release_file_through_timm(tmp_path):
     assert v1_weights_file(tag, cache_dir=str(tmp_path)) == str(path)
 
 
-def test_weights_file_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+def test_weights_file_offline(tmp_path, hub_offline):
     with pytest.raises(timm_bcos.PretrainedWeightsError, match='bcos_v1_resnet_34-mYe6TggQsDymZbk.pth'):
         v1_weights_file('resnet34.v1_in1k', cache_dir=str(tmp_path))
     with pytest.raises(KeyError, match='known'):
@@ -612,9 +611,8 @@ HEADS = {'densenet': ('classifier.fc', 'features.conv0'), 'resnet': ('fc.fc', 'c
 
 
 @pytest.fixture
-def offline(monkeypatch, tmp_path):
+def offline(monkeypatch, tmp_path, hub_offline):
     """HF_HUB_OFFLINE=1 and an empty timm cache ($TORCH_HOME/hub/checkpoints) under tmp_path."""
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
     return tmp_path / 'torch' / 'hub' / 'checkpoints'
 

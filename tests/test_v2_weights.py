@@ -13,8 +13,9 @@ import torch
 
 import timm_bcos
 from timm_bcos.layers import LogitLayer
-from timm_bcos.v2_weights import (V2_ARCHS, V2_CONVERT_KWARGS, V2StateDictError, create_v2_model, guess_v2_arch,
-                                  map_v2_state_dict, prepare_v2_vgg_head)
+from timm_bcos.weights import prepare_vgg_head
+from timm_bcos.weights.v2 import (V2_ARCHS, V2_CONVERT_KWARGS, V2StateDictError, create_v2_model, guess_v2_arch,
+                                  map_v2_state_dict)
 
 v2_pretrained = pytest.importorskip('bcos.models.pretrained')
 
@@ -339,14 +340,14 @@ def test_train_mode_matches():
 
 def test_vgg_needs_the_v2_head():
     """v2's first head conv is 7x7 with padding=3 and sees the map as is; timm's has no padding and
-    upsamples maps smaller than 7x7. Without prepare_v2_vgg_head the functions differ (and the
+    upsamples maps smaller than 7x7. Without prepare_vgg_head the functions differ (and the
     mapping refuses the model); with it they are equal (test_same_logits[vgg11_bnu])."""
     plain = timm_bcos.convert_to_bcos(timm.create_model('vgg11_bn'), **V2_CONVERT_KWARGS)
     assert plain.pre_logits.fc1.padding == (0, 0)
-    with pytest.raises(V2StateDictError, match='prepare_v2_vgg_head'):
+    with pytest.raises(V2StateDictError, match='prepare_vgg_head'):
         map_v2_state_dict({'classifier.0.linear.weight': torch.zeros(4096, 512, 7, 7)}, plain)
     with pytest.raises(TypeError, match='timm VGG'):
-        prepare_v2_vgg_head(timm.create_model('resnet18'))
+        prepare_vgg_head(timm.create_model('resnet18'))
 
 
 def test_vgg_plain_timm_head_differs(pair):
@@ -367,7 +368,7 @@ def test_vgg_plain_timm_head_differs(pair):
 
 
 @pytest.mark.parametrize('name', ['resnet18', 'densenet121', 'vgg11_bnu'])
-def test_release_file_through_timm(name, tmp_path, monkeypatch):
+def test_release_file_through_timm(name, tmp_path, hub_offline):
     """Their state dict saved as they release it (torch.save, .pth), loaded by
     ``timm.create_model('bcosv2_<name>', pretrained=True, pretrained_cfg_overlay=dict(file=...))``:
     the same logits minus the logit bias and the same explanations, in float64."""
@@ -375,7 +376,6 @@ def test_release_file_through_timm(name, tmp_path, monkeypatch):
 
     import timm_bcos
 
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     ref = _reference(name).float()  # released weights are float32; compare in float64 from the same values
     path = tmp_path / f'{name}.pth'
     torch.save(ref.state_dict(), path)

@@ -1,24 +1,33 @@
-"""timm-bcos: B-cos networks (Böhle, Fritz, Schiele, CVPR 2022) for timm."""
-from . import bcos_models, data, models
+"""timm-bcos: B-cos networks (Böhle, Fritz, Schiele, CVPR 2022) for timm.
+
+``import timm_bcos`` registers the ``bcos_*`` and ``bcosv2_*`` models with timm. The data flow of the
+package: layers -> convert -> models / weights -> explain -> training / evaluation / hub -> cli.
+"""
+from . import models  # registers the bcos_* / bcosv2_* names with timm
 from .convert import UnsupportedModuleError, convert_to_bcos, unconverted_modules
-from .explain import Explanation, check_dynamic_linearity, explain
-from .layers import (
-    AddInverse,
-    BatchNormUncentered2d,
-    BcosConv2d,
-    BcosLinear,
-    DetachableModule,
-    DynamicGate,
-    GroupNormUncentered,
-    LayerNorm2dUncentered,
-    LogitLayer,
-    explanation_mode,
-    from_reference_layout,
-    is_explanation_mode,
-    to_reference_layout,
-)
-from .models import BcosSimpleNet
-from .pretrained import CheckpointMismatchError, PretrainedWeightsError, create_model
 from .data import create_transform, load_images
+from .explain import Explanation, check_dynamic_linearity, explain, explain_images
+from .hub import HubPublishError, publish, pull
+from .layers import (AddInverse, BatchNormUncentered2d, BcosClassifier, BcosConv2d, BcosConv2dSame, BcosConvClassifier,
+                     BcosLinear, DetachableModule, DynamicGate, GroupNormUncentered, LayerNorm2dUncentered, LogitLayer,
+                     add_inverse, explanation_mode, from_reference_layout, is_explanation_mode, to_reference_layout)
+from .models import BcosSimpleNet, CheckpointMismatchError, PretrainedWeightsError, load_model
+from .training import CheckpointError, TrainConfig, train
 
 __version__ = '0.1.0'
+
+__all__ = [
+    # convert any timm CNN (or your own), and check the result
+    'UnsupportedModuleError', 'convert_to_bcos', 'unconverted_modules',
+    # explain
+    'Explanation', 'check_dynamic_linearity', 'explain', 'explain_images', 'explanation_mode', 'is_explanation_mode',
+    # layers
+    'AddInverse', 'BatchNormUncentered2d', 'BcosClassifier', 'BcosConv2d', 'BcosConv2dSame', 'BcosConvClassifier',
+    'BcosLinear', 'DetachableModule', 'DynamicGate', 'GroupNormUncentered', 'LayerNorm2dUncentered', 'LogitLayer',
+    'add_inverse', 'from_reference_layout', 'to_reference_layout',
+    # models, images, weights
+    'BcosSimpleNet', 'CheckpointMismatchError', 'PretrainedWeightsError', 'create_transform', 'load_images',
+    'load_model',
+    # training and the Hub
+    'CheckpointError', 'HubPublishError', 'TrainConfig', 'publish', 'pull', 'train',
+]

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
-__all__ = ['ASSETS', 'hub_offline', 'package_version', 'save_figure', 'write_atomic', 'write_json']
+__all__ = ['ASSETS', 'hub_offline', 'package_version', 'save_figure', 'url_cache_dir', 'write_atomic', 'write_json']
 
 PathLike = Union[str, os.PathLike]
 
@@ -68,3 +68,10 @@ def hub_offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
+
+
+def url_cache_dir() -> str:
+    """Where timm caches weights downloaded from URLs: ``$TORCH_HOME/hub/checkpoints``."""
+    import torch
+
+    return os.path.join(torch.hub.get_dir(), 'checkpoints')

@@ -68,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 def _explain(args: argparse.Namespace) -> None:
     from .explain import describe, explain_images
-    from .pretrained import load_model
+    from .models import load_model
 
     if (args.layer is None) != (args.neuron is None):
         raise SystemExit('timm-bcos explain: --layer and --neuron go together')

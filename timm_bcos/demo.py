@@ -22,7 +22,7 @@ import torch
 from ._utils import save_figure, write_json
 from .data import demo_images, load_images
 from .explain import check_dynamic_linearity, describe, explain, save_explanations
-from .pretrained import load_model
+from .models import load_model
 
 DEFAULT_MODEL = 'bcos_simple_cifar_tiny.fashion_mnist'
 

@@ -629,7 +629,7 @@ def pointing_game(model: nn.Module, dataset=None, *, grid: int = 3, n_grids: int
 def _load(model: Union[str, nn.Module], device: torch.device) -> Tuple[nn.Module, str]:
     if isinstance(model, nn.Module):
         return model.to(device).eval(), type(model).__name__
-    from .pretrained import load_model
+    from .models import load_model
     return load_model(model).to(device).eval(), model
 
 
@@ -824,7 +824,6 @@ def run_evaluation(model: Union[str, nn.Module], baseline: Union[str, nn.Module,
     """
     import timm
 
-    from . import bcos_models  # noqa: F401
     from .data import build_datasets
 
     dev = torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -940,7 +939,6 @@ def b_ablation(out: Union[str, Path] = 'conversion/results/ablation', data: str 
     """
     import timm
 
-    from . import bcos_models  # noqa: F401
     from .data import build_datasets
     from .training import TrainConfig, train
 

@@ -1,2 +1,8 @@
-from .conv_net import SimpleConvNet
-from .simple_net import BcosSimpleNet
+"""Models: the timm registry of ``bcos_*`` / ``bcosv2_*`` names (importing it registers them), the
+builder with checked weight loading and clear errors, and the paper's simple CIFAR-10 nets."""
+from . import bcos_models
+from .builder import CheckpointMismatchError, PretrainedWeightsError, build_bcos_model, create_model, load_model
+from .simple_cifar import BcosSimpleNet, ConvHeadNet, SimpleConvNet
+
+__all__ = ['BcosSimpleNet', 'CheckpointMismatchError', 'ConvHeadNet', 'PretrainedWeightsError', 'SimpleConvNet',
+           'bcos_models', 'build_bcos_model', 'create_model', 'load_model']

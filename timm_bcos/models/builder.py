@@ -3,55 +3,19 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
 
-__all__ = ['CheckpointMismatchError', 'PretrainedWeightsError', 'StateDictMismatchError', 'build_bcos_model',
-           'check_state_dict', 'compare_mapped_keys', 'create_model', 'list_keys', 'load_model']
+from .._utils import hub_offline, url_cache_dir
+
+__all__ = ['CheckpointMismatchError', 'PretrainedWeightsError', 'build_bcos_model', 'check_state_dict', 'create_model',
+           'load_model']
 
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint whose keys or shapes do not fit the model (another architecture or class count)."""
-
-
-class StateDictMismatchError(CheckpointMismatchError, ValueError):
-    """A reference implementation's (B-cos v1/v2) state dict that does not fit the model: names
-    every unexpected, missing and mis-shaped key (after renaming to our keys)."""
-
-    def __init__(self, message: str, unexpected: Sequence[str] = (), missing: Sequence[str] = (),
-                 mismatched: Sequence[str] = ()) -> None:
-        self.unexpected, self.missing, self.mismatched = list(unexpected), list(missing), list(mismatched)
-        super().__init__(message)
-
-
-def list_keys(what: str, items: Sequence[str], limit: int = 8) -> str:
-    """``'3 missing keys: a, b, c'``, the first `limit` items and a count of the rest."""
-    more = f' ... (+{len(items) - limit} more)' if len(items) > limit else ''
-    return f'{len(items)} {what}: {", ".join(items[:limit])}{more}'
-
-
-def compare_mapped_keys(
-        mapped: Dict[str, torch.Tensor],
-        sources: Dict[str, str],
-        expected: Dict[str, Tuple[int, ...]],
-        head_key: str,
-        allow_new_head: bool,
-) -> Tuple[List[str], List[str], List[str]]:
-    """A renamed reference state dict (`mapped`, from checkpoint keys `sources`) against the model's
-    shapes: the unexpected, missing and mis-shaped keys. With `allow_new_head`, a classifier of
-    another class count (same input width) is dropped from `mapped` first (fine-tuning)."""
-    new_head = (allow_new_head and head_key in mapped and head_key in expected
-                and tuple(mapped[head_key].shape)[1:] == expected[head_key][1:]
-                and tuple(mapped[head_key].shape) != expected[head_key])
-    if new_head:
-        del mapped[head_key]
-    unexpected = sorted(set(mapped) - set(expected))
-    missing = sorted(set(expected) - set(mapped) - ({head_key} if new_head else set()))
-    mismatched = [f'{k} (checkpoint {sources[k]!r}): {tuple(mapped[k].shape)} vs model {expected[k]}'
-                  for k in mapped if k in expected and tuple(mapped[k].shape) != expected[k]]
-    return unexpected, missing, mismatched
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -120,9 +84,8 @@ def build_bcos_model(
         return check_state_dict(state_dict, model)
 
     cfg = _resolved_cfg(variant, kwargs) if pretrained else {}
-    if pretrained and _offline() and not cfg.get('file') and not cfg.get('hf_hub_id') and cfg.get('url'):
-        from timm.models._hub import get_cache_dir
-        cached = os.path.join(kwargs.get('cache_dir') or get_cache_dir(), os.path.basename(cfg['url'].split('?')[0]))
+    if pretrained and hub_offline() and not cfg.get('file') and not cfg.get('hf_hub_id') and cfg.get('url'):
+        cached = os.path.join(kwargs.get('cache_dir') or url_cache_dir(), os.path.basename(cfg['url'].split('?')[0]))
         if not os.path.exists(cached):  # timm would try to download: fail now, with the way out
             raise PretrainedWeightsError(_unavailable(variant, cfg, 'not in the local cache'))
     try:
@@ -139,10 +102,6 @@ def build_bcos_model(
         raise PretrainedWeightsError(_unavailable(variant, cfg, f'{type(e).__name__}: {e}')) from e
 
 
-def _offline() -> bool:
-    return os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('', '0', 'false', 'no')
-
-
 def _resolved_cfg(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     from timm.models import get_pretrained_cfg
     cfg = kwargs.get('pretrained_cfg') or get_pretrained_cfg(variant)
@@ -153,7 +112,7 @@ def _resolved_cfg(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 def _unavailable(variant: str, cfg: Dict[str, Any], why: str) -> str:
     return (f'pretrained weights for {variant} are not available ({_weights_source(cfg)}): {why}. '
-            f'{"HF_HUB_OFFLINE=1 is set, so only local caches are used. " if _offline() else ""}'
+            f'{"HF_HUB_OFFLINE=1 is set, so only local caches are used. " if hub_offline() else ""}'
             f'Fetch them where there is network access (URLs are cached under $TORCH_HOME/hub/checkpoints, '
             f'Hub repos under $HF_HOME / $HF_HUB_CACHE), or point to a local copy with '
             f'pretrained_cfg_overlay=dict(file=PATH), or load a folder with create_model("local-dir:PATH").')

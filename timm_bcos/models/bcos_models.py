@@ -2,7 +2,7 @@
 
 - ``bcos_<arch>``: the paper's design (B=2, MaxOut 2, no norms, v1's output scale, 6-channel input)
   built by converting timm's ``<arch>`` (paper §3.3).
-- The paper's own trained models (B-cos v1 release, `timm_bcos.v1_weights`) are ``v1_*`` tags of
+- The paper's own trained models (B-cos v1 release, `timm_bcos.weights.v1`) are ``v1_*`` tags of
   these names: ``bcos_densenet121.v1_in1k_long`` (the default of ``bcos_densenet121``: the best
   one, "training+"), ``.v1_in1k``, ``bcos_resnet34.v1_in1k``, ``bcos_vgg11.v1_in1k``,
   ``bcos_inception_v3.v1_in1k`` and ``bcos_simple_cifar.v1_cifar10_b1`` ... ``_b2_5`` (Tab. 1's
@@ -12,7 +12,7 @@
   our untagged `BcosSimpleNet` design.
 - ``bcosv2_<arch>``: the B-cos v2 design (uncentered bias-free BN, MaxOut 1, 1x1 B-cos conv head
   before global pooling, logit bias -log(999)), whose authors released ImageNet weights: tag
-  ``.in1k`` loads them (`timm_bcos.v2_weights` maps their keys onto ours).
+  ``.in1k`` loads them (`timm_bcos.weights.v2` maps their keys onto ours).
 - ``bcos_simple_cifar`` / ``bcos_simple_cifar_plain``: the paper's 9-layer CIFAR-10 network with
   and without MaxOut (§4 "Models"); ``bcos_simple_cifar_tiny``: the same at a quarter of the width
   (16-64 channels), small enough to ship trained weights in the package: tag ``.fashion_mnist``
@@ -20,7 +20,7 @@
 - ``baseline_simple_cifar`` / ``baseline_simple_cifar_tiny``: the same layouts as conventional CNNs
   (conv + BatchNorm + ReLU, RGB input, cross entropy): the baselines of training and evaluation.
 
-The file name cannot clash with timm's own modules (``list_models(module='bcos_models')``).
+The module's name files them in timm as ``list_models(module='bcos_models')``; ``list_models('bcos*')`` lists them too.
 """
 from __future__ import annotations
 
@@ -33,12 +33,12 @@ from timm.models import (PretrainedCfg, generate_default_cfgs, get_pretrained_cf
                          resolve_pretrained_cfg)
 from torch import nn
 
-from ._utils import ASSETS
-from .convert import convert_to_bcos
-from .models import BcosSimpleNet, SimpleConvNet
-from .pretrained import build_bcos_model
-from .v1_weights import V1_MODELS, create_v1_model, map_v1_state_dict, v1_weights_file
-from .v2_weights import V2_ARCHS, create_v2_model, map_v2_state_dict
+from .._utils import ASSETS
+from ..convert import convert_to_bcos
+from ..weights.v1 import V1_MODELS, create_v1_model, map_v1_state_dict, v1_weights_file
+from ..weights.v2 import V2_ARCHS, create_v2_model, map_v2_state_dict
+from .builder import build_bcos_model
+from .simple_cifar import BcosSimpleNet, SimpleConvNet
 
 __all__ = ['PAPER_ARCHS', 'PAPER_DESIGN', 'SHIPPED_DIR', 'TINY_WIDTHS', 'V1_ARCHS']
 

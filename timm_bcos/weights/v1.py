@@ -28,10 +28,10 @@ scale ``10**(-2 + 1.5 (2.5 - B))`` for every layer (not ``scale_fact``).
 
 `create_v1_model` builds each from timm + `convert_to_bcos` (``head='conv'``, v1's logit bias and
 temperature), sets v1's per-layer scales on the converted layers, and for VGG first gives timm's
-head v1's shape (`prepare_v1_vgg_head`: the 7x7 head conv padded by 3, no upsampling; the same
+head v1's shape (`prepare_vgg_head`: the 7x7 head conv padded by 3, no upsampling; the same
 head as v2). The CIFAR nets are `BcosSimpleNet`. `map_v1_state_dict` renames and validates a v1
 state dict; it can be timm's ``pretrained_filter_fn``. Every tag is registered with timm as
-``bcos_<tag>`` (`timm_bcos.bcos_models`): ``timm.create_model('bcos_densenet121.v1_in1k', pretrained=True)``.
+``bcos_<tag>`` (`timm_bcos.models.bcos_models`): ``timm.create_model('bcos_densenet121.v1_in1k', pretrained=True)``.
 
 Numerics: for B=2 and B=1 our layer computes v1's function. For other B, v1 adds 1e-6 to ``|cos|``
 before the power (``(|cos| + 1e-6)^(B-1)``, its "unnecessary doubling of stabilising term"); ours
@@ -50,12 +50,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .pretrained import PretrainedWeightsError, StateDictMismatchError, compare_mapped_keys, list_keys
-from .v2_weights import prepare_v2_vgg_head
+from .._utils import hub_offline, url_cache_dir
+from ..convert import convert_to_bcos
+from ..layers import BcosConv2d, BcosLinear, LogitLayer
+from ..models.builder import PretrainedWeightsError
+from ..models.simple_cifar import BcosSimpleNet
+from .reference import (LINEAR_SUFFIX, StateDictMismatchError, check_tensor_dict, class_count_hint, classifier_key,
+                        compare_mapped_keys, has_reference_vgg_head, list_keys, mismatch_message, model_family,
+                        prepare_vgg_head, rename_keys, rename_reference_keys, strip_linear, to_our_layout)
 
-__all__ = ['V1_BASE_URL', 'V1_LOGIT_BIAS_CIFAR10', 'V1_LOGIT_BIAS_IMAGENET', 'V1_MODELS', 'V1StateDictError',
-           'create_v1_model', 'guess_v1_family', 'load_v1_state_dict', 'map_v1_state_dict', 'prepare_v1_vgg_head',
-           'set_v1_scales', 'v1_weights_file']
+__all__ = ['V1_BASE_URL', 'V1_CIFAR_BS', 'V1_LOGIT_BIAS_CIFAR10', 'V1_LOGIT_BIAS_IMAGENET', 'V1_MODELS',
+           'V1StateDictError', 'create_v1_model', 'guess_v1_family', 'load_v1_state_dict', 'map_v1_state_dict',
+           'set_v1_scales', 'v1_cifar_settings', 'v1_weights_file']
 
 V1_BASE_URL = 'https://nextcloud.mpi-klsb.mpg.de/index.php/s'
 V1_LOGIT_BIAS_IMAGENET = math.log(0.01 / 0.99)  # experiments/Imagenet/bcos/experiment_parameters.py default_config
@@ -90,19 +96,32 @@ _CIFAR = {1.0: (-3, 'q8cRRojXZ2WNWbS', 93.5), 1.25: (-3, 'oX6H7jQiSN2dfWJ', 93.8
           2.5: (3, 'XwEAFrPSEYJ2C79', 92.4)}
 
 
+#: The B values of v1's CIFAR-10 ablation (paper Tab. 1).
+V1_CIFAR_BS = tuple(_CIFAR)
+
+
+def v1_cifar_settings(b: float) -> Dict[str, float]:
+    """v1's CIFAR-10 settings for `B`: ``b``, the layer scale ``10**(-2 + 1.5 (2.5 - B))`` (one fixed
+    output divisor for every layer) and the logit temperature ``10**T`` of its experiment file."""
+    b = float(b)
+    if b not in _CIFAR:
+        raise ValueError(f'no v1 CIFAR-10 settings for B={b}; known: {sorted(_CIFAR)}')
+    return dict(b=b, scale=10 ** (-2 + 1.5 * (2.5 - b)), logit_temperature=10.0 ** _CIFAR[b][0])
+
+
 def _b_name(b: float) -> str:
     return f'{b:g}'.replace('.', '_')
 
 
 def _cifar(b: float) -> Dict[str, Any]:
-    t, token, top1 = _CIFAR[b]
+    _, token, top1 = _CIFAR[b]
+    settings = v1_cifar_settings(b)
     return dict(
         family='simple', timm_arch=None, dataset='cifar10', num_classes=10, v1_experiment=f'9L-M2-B{b:g}',
         v1_config='experiments/CIFAR10/bcos/experiment_parameters.py',
         # BcosSimpleNet defaults are v1's default_config: out_c 64,64,128,128,128,256,256,256 (+ classes),
         # 3x3 kernels with padding 1, strides 1,1,2,1,1,2,1,1, then a 1x1 classifier conv, 6-channel input.
-        simple_kwargs=dict(b=b, max_out=V1_MAX_OUT, scale=10 ** (-2 + 1.5 * (2.5 - b)), in_chans=6,
-                           logit_bias=V1_LOGIT_BIAS_CIFAR10, logit_temperature=10.0 ** t),
+        simple_kwargs=dict(settings, max_out=V1_MAX_OUT, in_chans=6, logit_bias=V1_LOGIT_BIAS_CIFAR10),
         url=f'{V1_BASE_URL}/{token}/download', top1=top1, file_name=f'bcos_v1_cifar10_9l_m2_b{_b_name(b)}-{token}.pth',
         input_size=(6, 32, 32), crop_pct=1.0, interpolation='bilinear')
 
@@ -115,9 +134,8 @@ V1_MODELS: Dict[str, Dict[str, Any]] = {
         notes='"training+" of Tab. 2: 200 epochs, batch 128, warm-up and cosine schedule'),
     'resnet34.v1_in1k': _imagenet('resnet', 'resnet34', 'resnet_34', 'mYe6TggQsDymZbk', 71.7, 'resnet_34'),
     'vgg11.v1_in1k': _imagenet('vgg', 'vgg11', 'vgg_11', 'kEHgFSSKMEdeA5N', 69.6, 'vgg_11',
-                               prepare='prepare_v1_vgg_head',
                                notes="timm's vgg11 with pre_logits.fc1 padding=3 and no upsampling to 7x7 "
-                                     "(v1's head, see prepare_v1_vgg_head)"),
+                                     "(v1's head, see prepare_vgg_head)"),
     'inception_v3.v1_in1k': _imagenet(
         'inception', 'inception_v3', 'inception_v3', 'QSEo6QSNgPZqNfi', 75.4, 'inception_v3',
         input_size=(6, 299, 299), crop_pct=299 / 320,  # test_time_transforms: Resize(320), CenterCrop(299)
@@ -133,23 +151,11 @@ class V1StateDictError(StateDictMismatchError):
 
 # --- building ----------------------------------------------------------------------------------
 
-def prepare_v1_vgg_head(model: nn.Module) -> nn.Module:
-    """Give timm's VGG the head of v1's ``models/bcos/vgg.py`` (before `convert_to_bcos`).
-
-    v1: ``features -> BcosConv2d(512, 4096, 7, padding=3) -> BcosConv2d(4096, 4096, 1) ->
-    BcosConv2d(4096, C, 1) -> global average pool`` (its ``AdaptiveAvgPool2d((7, 7))`` is built but
-    commented out of ``forward``). That is v2's head too: `prepare_v2_vgg_head`.
-    """
-    return prepare_v2_vgg_head(model)
-
-
 def set_v1_scales(model: nn.Module, scale_factor: float) -> nn.Module:
     """Set v1's output divisor ``sqrt(k_h k_w C_in) / scale_factor`` on every B-cos layer of `model`.
 
     `convert_to_bcos` uses v1's default ``scale_fact=100``; v1's VGG uses 1000 and its Inception 200.
     """
-    from .layers import BcosConv2d, BcosLinear
-
     for m in model.modules():
         if isinstance(m, BcosConv2d):
             m.scale = math.sqrt(m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]) / scale_factor
@@ -160,23 +166,17 @@ def set_v1_scales(model: nn.Module, scale_factor: float) -> nn.Module:
     return model
 
 
-_PREPARE = {'prepare_v1_vgg_head': prepare_v1_vgg_head}
-
-
 def create_v1_model(tag: str, num_classes: Optional[int] = None, state_dict: Optional[Dict[str, Tensor]] = None,
                     **kwargs) -> nn.Module:
     """Build v1's architecture for the checkpoint `tag` (a key of `V1_MODELS`).
 
-    ImageNet: timm's base architecture (VGG: with `prepare_v1_vgg_head`), converted with v1's
+    ImageNet: timm's base architecture (VGG: with `prepare_vgg_head`), converted with v1's
     settings and given v1's per-layer scales; CIFAR-10: `BcosSimpleNet` with v1's B, scale and
     logit temperature. ``kwargs`` named like one of the tag's settings (``convert_kwargs`` and
     ``scale_factor``; CIFAR: ``simple_kwargs``) override it, the rest go to ``timm.create_model``
     (CIFAR: `BcosSimpleNet`, e.g. ``widths``). ``state_dict``: an optional v1 state dict
     (``torch.load`` of the release file), mapped with `map_v1_state_dict` and loaded strictly.
     """
-    from .convert import convert_to_bcos
-    from .models import BcosSimpleNet
-
     if tag not in V1_MODELS:
         raise KeyError(f'unknown B-cos v1 checkpoint {tag!r}; known: {sorted(V1_MODELS)}')
     cfg = V1_MODELS[tag]
@@ -192,8 +192,8 @@ def create_v1_model(tag: str, num_classes: Optional[int] = None, state_dict: Opt
         settings.update({k: kwargs.pop(k) for k in list(kwargs) if k in settings})
         scale_factor = settings.pop('scale_factor')
         model = timm.create_model(cfg['timm_arch'], pretrained=False, num_classes=num_classes, **kwargs)
-        if cfg.get('prepare'):
-            model = _PREPARE[cfg['prepare']](model)
+        if cfg['family'] == 'vgg':
+            prepare_vgg_head(model)
         convert_to_bcos(model, **settings)
         set_v1_scales(model, scale_factor)
     model.bcos_cfg['v1_tag'] = tag
@@ -221,12 +221,11 @@ def v1_weights_file(tag: str, cache_dir: Optional[str] = None, download: bool = 
         raise KeyError(f'unknown B-cos v1 checkpoint {tag!r}; known: {sorted(V1_MODELS)}')
     cfg = V1_MODELS[tag]
     if cache_dir is None:
-        from timm.models._hub import get_cache_dir
-        cache_dir = get_cache_dir()
+        cache_dir = url_cache_dir()
     path = os.path.join(cache_dir, cfg['file_name'])
     if os.path.exists(path):
         return path
-    offline = os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('', '0', 'false', 'no')
+    offline = hub_offline()
     if not download or offline:
         raise PretrainedWeightsError(
             f'B-cos v1 weights for {tag} are not in the cache ({path}) and '
@@ -243,27 +242,10 @@ def v1_weights_file(tag: str, cache_dir: Optional[str] = None, download: bool = 
 
 # --- key mapping -------------------------------------------------------------------------------
 
-_LINEAR = '.linear.weight'  # v1's BcosConv2d keeps its weight in a NormedConv2d child `linear`
 # v1's Inception3(aux_logits=True) auxiliary head: used for the training loss only (its forward
 # runs it under `if self.training` and stores the result); timm's InceptionV3(aux_logits=True)
 # returns (logits, aux) in eval too, so we build without it and drop these (after checking them).
 _AUX_PREFIX = 'AuxLogits.'
-
-
-def _family(model: nn.Module) -> str:
-    from timm.models.densenet import DenseNet
-    from timm.models.inception_v3 import InceptionV3
-    from timm.models.resnet import ResNet
-    from timm.models.vgg import VGG
-
-    from .models import BcosSimpleNet
-
-    for cls, family in ((DenseNet, 'densenet'), (ResNet, 'resnet'), (VGG, 'vgg'), (InceptionV3, 'inception'),
-                        (BcosSimpleNet, 'simple')):
-        if isinstance(model, cls):
-            return family
-    raise V1StateDictError(f'B-cos v1 checkpoints exist for timm DenseNet, ResNet, VGG and Inception-v3 models '
-                           f'and BcosSimpleNet only, got {type(model).__name__}')
 
 
 def _expected_config(model: nn.Module, family: str) -> Tuple[Dict[str, Any], Optional[str]]:
@@ -286,8 +268,6 @@ def _expected_config(model: nn.Module, family: str) -> Tuple[Dict[str, Any], Opt
 
 def _check_model_config(model: nn.Module, family: str) -> None:
     """The model must be built like v1 (keys alone do not show B, scales or where the classifier sits)."""
-    from .layers import BcosConv2d, BcosLinear, LogitLayer
-
     cfg = getattr(model, 'bcos_cfg', None)
     if cfg is None:
         raise V1StateDictError(f'{type(model).__name__} is not a converted B-cos model: build it with '
@@ -325,10 +305,8 @@ def _check_model_config(model: nn.Module, family: str) -> None:
             bad_scales.append(f'{name}: {m.scale:.6g} (v1: {want:.6g})')
     if bad_scales:
         wrong['scale'] = (list_keys('layers', bad_scales), expected.get('scale_factor', expected.get('scale')))
-    if family == 'vgg':
-        mlp = model.pre_logits
-        if tuple(mlp.fc1.padding) != (3, 3) or mlp.input_kernel_size != 1:
-            wrong['vgg head'] = ('timm ConvMlp', "v1's: fc1 padding=3, no upsampling (prepare_v1_vgg_head)")
+    if family == 'vgg' and not has_reference_vgg_head(model):
+        wrong['vgg head'] = ('timm ConvMlp', "v1's: fc1 padding=3, no upsampling (prepare_vgg_head)")
     if wrong:
         details = '; '.join(f'{k}: model {have!r}, v1 {want!r}' for k, (have, want) in wrong.items())
         raise V1StateDictError(f'the model is not built like {what}: {details}. Build it with '
@@ -344,43 +322,21 @@ def _strip_prefix(keys: Sequence[str], family: str) -> Dict[str, str]:
     return out
 
 
-def _vgg_feature_renames(v1_keys: Sequence[str], model: nn.Module) -> Dict[int, int]:
-    """v1 ``features.i`` (conv, AvgPool per 'M') -> timm ``features.j`` (conv, act, pool): convs in order."""
-    from .layers import BcosConv2d
-
-    pattern = re.compile(r'^features\.(\d+)\.weight$')
-    theirs = sorted({int(m.group(1)) for k in v1_keys for m in [pattern.match(k)] if m})
-    ours = [int(n) for n, m in model.features.named_children() if isinstance(m, BcosConv2d)]
-    return dict(zip(theirs, ours))
-
-
-def _rename(key: str, family: str, model: nn.Module, n_features: int, vgg_features: Dict[int, int]) -> str:
-    """A v1 network key (``.linear.weight`` already made ``.weight``) -> ours."""
-    if family == 'simple':
-        m = re.match(r'^(\d+)\.weight$', key)
-        if m:
-            i = int(m.group(1))
-            return f'features.{i}.weight' if i < n_features else ('classifier.weight' if i == n_features else key)
+def _simple_name(key: str, n_features: int) -> str:
+    """A key of v1's CIFAR net (``nn.Sequential`` of 8 convs and the classifier conv) -> ours."""
+    m = re.match(r'^(\d+)\.weight$', key)
+    if not m:
         return key
-    if family == 'vgg':
-        head = {'classifier.0.weight': 'pre_logits.fc1.weight', 'classifier.1.weight': 'pre_logits.fc2.weight',
-                'classifier.2.weight': 'head.fc.fc.weight'}
-        if key in head:
-            return head[key]
-        m = re.match(r'^features\.(\d+)\.weight$', key)
-        if m and int(m.group(1)) in vgg_features:
-            return f'features.{vgg_features[int(m.group(1))]}.weight'
-        return key
-    clf = model.bcos_cfg['classifier']  # 'classifier' (DenseNet) / 'fc' (ResNet, Inception): BcosConvClassifier
-    return f'{clf}.fc.weight' if key == f'{clf}.weight' else key
+    i = int(m.group(1))
+    return f'features.{i}.weight' if i < n_features else ('classifier.weight' if i == n_features else key)
 
 
-def _classifier_key(family: str, model: nn.Module) -> str:
+def _our_names(inner: Dict[str, str], family: str, model: nn.Module, state_dict: Dict[str, Tensor]) -> Dict[str, str]:
+    """Checkpoint key -> ours, from its key inside v1's network (`inner`, ``.linear`` already stripped)."""
     if family == 'simple':
-        return 'classifier.weight'
-    if family == 'vgg':
-        return 'head.fc.fc.weight'
-    return f'{model.bcos_cfg["classifier"]}.fc.weight'
+        return {source: _simple_name(key, len(model.features)) for source, key in inner.items()}
+    names = rename_reference_keys({key: tuple(state_dict[source].shape) for source, key in inner.items()}, family, model)
+    return {source: names[key] for source, key in inner.items()}
 
 
 def _aux_shapes(model: nn.Module, max_out: int) -> Dict[str, Tuple[int, ...]]:
@@ -413,61 +369,41 @@ def map_v1_state_dict(state_dict: Dict[str, Tensor], model: nn.Module, *,
     ``allow_new_head=True`` (fine-tuning a model built for another class count) drops the
     checkpoint's classifier when only its class count differs; everything else is still strict.
     """
-    from .layers import BcosConv2d, BcosLinear, from_reference_layout
-
-    if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
-        raise V1StateDictError(f'expected a state dict of tensors, got {type(state_dict).__name__}'
-                               + (f' with keys {list(state_dict)[:5]}' if isinstance(state_dict, dict) else '')
-                               + ' (a training checkpoint? pass its model state dict)')
-    family = _family(model)
+    check_tensor_dict(state_dict, V1StateDictError)
+    family = model_family(model, ('densenet', 'resnet', 'vgg', 'inception', 'simple'), V1StateDictError,
+                          'B-cos v1 checkpoints exist for timm DenseNet, ResNet, VGG and Inception-v3 models and '
+                          'BcosSimpleNet')
     _check_model_config(model, family)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     inner = _strip_prefix(list(state_dict), family)
-    v1_format = any(k.endswith(_LINEAR) for k in inner.values())
-    mapped: Dict[str, Tensor] = {}
-    sources: Dict[str, str] = {}
-    aux: Dict[str, str] = {}
-    if v1_format:
-        weights = {v[:-len(_LINEAR)] + '.weight' if v.endswith(_LINEAR) else v: k for k, v in inner.items()}
-        n_features = len(getattr(model, 'features', ())) if family == 'simple' else 0
-        vgg_features = _vgg_feature_renames(list(weights), model) if family == 'vgg' else {}
-        for key, source in weights.items():
-            if family == 'inception' and key.startswith(_AUX_PREFIX):
-                aux[key] = source
-                continue
-            new = _rename(key, family, model, n_features, vgg_features)
-            if new in mapped:
-                raise V1StateDictError(f'checkpoint keys {sources[new]!r} and {source!r} both map to {new!r}')
-            mapped[new], sources[new] = state_dict[source], source
-    else:
-        for source, key in inner.items():
-            if family == 'inception' and key.startswith(_AUX_PREFIX):
-                aux[key] = source
-                continue
-            mapped[key], sources[key] = state_dict[source], source
-
-    unexpected, missing, mismatched = compare_mapped_keys(mapped, sources, expected, _classifier_key(family, model),
+    reference_format = any(k.endswith(LINEAR_SUFFIX) for k in inner.values())
+    if reference_format:
+        inner = {source: strip_linear(key) for source, key in inner.items()}
+    aux = {key: source for source, key in inner.items() if family == 'inception' and key.startswith(_AUX_PREFIX)}
+    inner = {source: key for source, key in inner.items() if key not in aux}
+    names = _our_names(inner, family, model, state_dict) if reference_format else inner
+    mapped, sources = rename_keys(state_dict, names, V1StateDictError)
+    unexpected, missing, mismatched = compare_mapped_keys(mapped, sources, expected, classifier_key(family, model),
                                                           allow_new_head)
     if aux:
-        aux_shapes = _aux_shapes(model, model.bcos_cfg['max_out'])
-        unexpected += sorted(f'{k} (checkpoint {aux[k]!r})' for k in aux if k not in aux_shapes)
-        if set(aux) & set(aux_shapes):
-            missing += sorted(f'{k} (v1 auxiliary head)' for k in set(aux_shapes) - set(aux))
-        for k in sorted(set(aux) & set(aux_shapes)):
-            shape, want = tuple(state_dict[aux[k]].shape), aux_shapes[k]
-            if shape != want and not (k == 'AuxLogits.fc.weight' and allow_new_head and shape[1:] == want[1:]):
-                mismatched.append(f'{k} (checkpoint {aux[k]!r}, v1 auxiliary head): {shape} vs {want}')
+        _check_aux(aux, state_dict, model, allow_new_head, unexpected, missing, mismatched)
     if unexpected or missing or mismatched:
-        raise V1StateDictError(_mismatch_message(state_dict, model, family, unexpected, missing, mismatched,
-                                                 sources), unexpected, missing, mismatched)
+        raise V1StateDictError(_mismatch_message(state_dict, model, family, unexpected, missing, mismatched, sources,
+                                                 expected), unexpected, missing, mismatched)
+    return to_our_layout(mapped, model) if reference_format else mapped
 
-    if v1_format:
-        modules = dict(model.named_modules())
-        for k in list(mapped):
-            owner = modules.get(k.rpartition('.')[0])
-            if isinstance(owner, (BcosConv2d, BcosLinear)) and owner.max_out > 1 and k.endswith('.weight'):
-                mapped[k] = from_reference_layout(mapped[k], owner.max_out, getattr(owner, 'groups', 1))
-    return mapped
+
+def _check_aux(aux: Dict[str, str], state_dict: Dict[str, Tensor], model: nn.Module, allow_new_head: bool,
+               unexpected: List[str], missing: List[str], mismatched: List[str]) -> None:
+    """Inception's auxiliary head (training only, not in our model): its keys and shapes must be v1's."""
+    aux_shapes = _aux_shapes(model, model.bcos_cfg['max_out'])
+    unexpected += sorted(f'{k} (checkpoint {aux[k]!r})' for k in aux if k not in aux_shapes)
+    if set(aux) & set(aux_shapes):
+        missing += sorted(f'{k} (v1 auxiliary head)' for k in set(aux_shapes) - set(aux))
+    for k in sorted(set(aux) & set(aux_shapes)):
+        shape, want = tuple(state_dict[aux[k]].shape), aux_shapes[k]
+        if shape != want and not (k == 'AuxLogits.fc.weight' and allow_new_head and shape[1:] == want[1:]):
+            mismatched.append(f'{k} (checkpoint {aux[k]!r}, v1 auxiliary head): {shape} vs {want}')
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -487,22 +423,15 @@ def guess_v1_family(state_dict: Dict[str, Tensor]) -> Optional[str]:
     return None
 
 
-def _mismatch_message(state_dict, model, family, unexpected, missing, mismatched, sources) -> str:
+def _mismatch_message(state_dict, model, family, unexpected, missing, mismatched, sources, expected) -> str:
     arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
     tag = model.bcos_cfg.get('v1_tag')
-    parts = [list_keys(what, items) for what, items in (('unexpected keys', unexpected), ('missing keys', missing),
-                                                       ('shape mismatches', mismatched)) if items]
-    hints: List[str] = []
+    hints: List[Optional[str]] = []
     ckpt_family = guess_v1_family(state_dict)
     if ckpt_family != family:
         hints.append(f'the checkpoint looks like a B-cos v1 {ckpt_family or "<unknown architecture>"}, '
                      f'the model is a {family}')
-    head_key = _classifier_key(family, model)
-    if head_key in sources and head_key in dict(model.state_dict()):
-        c_ckpt = tuple(state_dict[sources[head_key]].shape)[0] // model.bcos_cfg['max_out']
-        c_model = model.num_classes
-        if c_ckpt != c_model:
-            hints.append(f'the checkpoint has {c_ckpt} classes, the model {c_model}: build it with '
-                         f'num_classes={c_ckpt}, or pass allow_new_head=True to fine-tune a new classifier')
-    return (f'B-cos v1 checkpoint does not fit {arch}{f" ({tag})" if tag else ""}: ' + '; '.join(parts) +
-            ('. ' + '; '.join(hints) if hints else '') + '.')
+    hints.append(class_count_hint(state_dict, sources, expected, classifier_key(family, model),
+                                  model.bcos_cfg['max_out']))
+    return mismatch_message(f'B-cos v1 checkpoint does not fit {arch}{f" ({tag})" if tag else ""}', unexpected,
+                            missing, mismatched, hints)
