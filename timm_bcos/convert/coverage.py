@@ -1,6 +1,6 @@
 """Conversion coverage: convert timm architectures and check Eq. 13 on each.
 
-    python -m timm_bcos.coverage [--models NAME ...] [--out conversion/coverage.md]
+    timm-bcos coverage [--models NAME ...] [--out out/coverage.md]
 
 For every model (pretrained=False, 10 classes): build, `convert_to_bcos`, run a forward at a small
 input (64 px, or the smallest of 96/128 px the architecture accepts) and the dynamic-linearity
@@ -10,8 +10,7 @@ check in float64. Writes a markdown report: model, params, converted?, max relat
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .._utils import write_atomic
 from ..layers import AddInverse
 from .converter import convert_to_bcos, unconverted_modules
 from .rules import TRUSTED_FORWARDS
@@ -96,15 +96,15 @@ def check_model(name: str, batch: int = 2, **convert_kwargs) -> CoverageResult:
     return CoverageResult(name, params, True, None, time.perf_counter() - t0, None, reason, leftovers)
 
 
-def write_report(results: Sequence[CoverageResult], path: str) -> None:
-    """Write the markdown table atomically (temp file + rename)."""
+def write_report(results: Sequence[CoverageResult], path: str, command: str = 'timm-bcos coverage') -> None:
+    """Write the markdown table (atomically); `command` is the command line that produced it."""
     import timm
 
     ok = sum(r.ok for r in results)
     lines = [
         '# Conversion coverage',
         '',
-        f'`python -m timm_bcos.coverage` with timm {timm.__version__}, torch {torch.__version__}: '
+        f'`{command}` with timm {timm.__version__}, torch {torch.__version__}: '
         f'{ok}/{len(results)} architectures convert with a dynamic-linearity error <= {TOLERANCE:g}.',
         '',
         'Each model: `timm.create_model(name, pretrained=False, num_classes=10)`, `convert_to_bcos` '
@@ -129,19 +129,15 @@ def write_report(results: Sequence[CoverageResult], path: str) -> None:
     for r in results:
         if not r.ok and r.model in FAILURE_NOTES:
             lines.append(f'- **{r.model}**: {FAILURE_NOTES[r.model]}')
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix='.md.tmp')
-    with os.fdopen(fd, 'w') as f:
-        f.write('\n'.join(lines) + '\n')
-    os.replace(tmp, path)
+    write_atomic(path, '\n'.join(lines) + '\n')
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     from tqdm import tqdm
 
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(prog='timm-bcos coverage', description=__doc__.split('\n')[0])
     parser.add_argument('--models', nargs='+', default=COVERAGE_MODELS + EXTRA_MODELS)
-    parser.add_argument('--out', default='conversion/coverage.md')
+    parser.add_argument('--out', default='out/coverage.md')
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
     results = []
@@ -151,7 +147,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         r = results[-1]
         tqdm.write(f'{name:22s} {"ok" if r.ok else "FAIL":4s} err={r.error if r.error is not None else "-"} '
                    f'{r.seconds:.1f}s {r.reason}')
-    write_report(results, args.out)
+    command = ' '.join(['timm-bcos coverage', *(sys.argv[1:] if argv is None else argv)])
+    write_report(results, args.out, command)
     print(f'{sum(r.ok for r in results)}/{len(results)} converted; report: {args.out}')
 
 

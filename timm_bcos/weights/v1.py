@@ -335,7 +335,8 @@ def _our_names(inner: Dict[str, str], family: str, model: nn.Module, state_dict:
     """Checkpoint key -> ours, from its key inside v1's network (`inner`, ``.linear`` already stripped)."""
     if family == 'simple':
         return {source: _simple_name(key, len(model.features)) for source, key in inner.items()}
-    names = rename_reference_keys({key: tuple(state_dict[source].shape) for source, key in inner.items()}, family, model)
+    shapes = {key: tuple(state_dict[source].shape) for source, key in inner.items()}
+    names = rename_reference_keys(shapes, family, model)
     return {source: names[key] for source, key in inner.items()}
 
 

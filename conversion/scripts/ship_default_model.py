@@ -2,11 +2,12 @@
 
     timm-bcos train --config conversion/recipes/bcos_simple_cifar_tiny.fashion_mnist.json --output runs/bcos
     timm-bcos train --config conversion/recipes/baseline_simple_cifar_tiny.fashion_mnist.json --output runs/base
-    python conversion/ship_default_model.py --bcos-run runs/bcos --baseline-run runs/base
+    python conversion/scripts/ship_default_model.py --bcos-run runs/bcos --baseline-run runs/base \
+        --pointing conversion/results/pointing_2x2 conversion/results/pointing_3x3
 
-Writes ``timm_bcos/pretrained/bcos_simple_cifar_tiny.fashion_mnist.safetensors`` (the weights of the
+Writes ``timm_bcos/assets/weights/bcos_simple_cifar_tiny.fashion_mnist.safetensors`` (the weights of the
 ``.fashion_mnist`` tag), the two recipes (each run's exact config), 16 Fashion-MNIST test images
-``timm_bcos/pretrained/images/NN_<class>.png``, and ``hub_cards/bcos_simple_cifar_tiny.fashion_mnist/``:
+``timm_bcos/assets/images/NN_<class>.png``, and ``hub_cards/bcos_simple_cifar_tiny.fashion_mnist/``:
 the model card (`timm_bcos.hub.publish` dry run, no weights) and ``metrics.json`` (both models'
 test accuracy measured here through timm's loading paths, training time, images/s, Eq. 13 errors).
 """
@@ -15,26 +16,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from timm_bcos._utils import ASSETS, write_atomic, write_json
 from timm_bcos.layers import add_inverse
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAME = 'bcos_simple_cifar_tiny.fashion_mnist'
 BASELINE = 'baseline_simple_cifar_tiny.fashion_mnist'
 RUN_ONLY = ('output', 'resume', 'overwrite', 'progress', 'max_steps', 'cpu', 'num_workers')
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(obj, indent=2) + '\n')
-    os.replace(tmp, path)
 
 
 def _recipe(run: Path) -> dict:
@@ -76,7 +70,7 @@ def _pointing_metrics(folder: Path) -> dict:
 
 def main(argv=None) -> None:
     import timm
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     import timm_bcos
     from timm_bcos.data import FASHION_MNIST_CLASSES, load_fashion_mnist
@@ -93,17 +87,14 @@ def main(argv=None) -> None:
 
     # 1. weights: the run's final state dict, re-saved atomically as the tag's file
     target = Path(timm.models.get_pretrained_cfg(NAME).file)
-    target.parent.mkdir(parents=True, exist_ok=True)
     state = load_file(str(args.bcos_run / 'model.safetensors'))
-    tmp = target.with_name(target.name + '.tmp')
-    save_file(state, str(tmp), metadata=dict(format='pt', model=NAME))
-    os.replace(tmp, target)
+    write_atomic(target, save(state, metadata=dict(format='pt', model=NAME)))
     print(f'weights: {target} ({target.stat().st_size / 1e6:.2f} MB)')
 
     # 2. recipes
     recipes = ROOT / 'conversion' / 'recipes'
-    _write_json(recipes / f'{NAME}.json', _recipe(args.bcos_run))
-    _write_json(recipes / f'{BASELINE}.json', _recipe(args.baseline_run))
+    write_json(recipes / f'{NAME}.json', _recipe(args.bcos_run))
+    write_json(recipes / f'{BASELINE}.json', _recipe(args.baseline_run))
 
     # 3. accuracy of both models through timm's loading paths, on all 10,000 test images
     _, _, x_test, y_test = load_fashion_mnist(32)
@@ -118,15 +109,15 @@ def main(argv=None) -> None:
 
     # 4. demo images: the first test image of each class, then the second of the first six classes
     from PIL import Image
-    folder = target.parent / 'images'
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob('*.png'):
+    images = ASSETS / 'images'
+    images.mkdir(parents=True, exist_ok=True)
+    for old in images.glob('*.png'):
         old.unlink()
     picks = [int((y_test == c).nonzero()[0]) for c in range(10)] + [int((y_test == c).nonzero()[1]) for c in range(6)]
     for i, idx in enumerate(picks):
         slug = re.sub(r'[^a-z0-9]+', '_', FASHION_MNIST_CLASSES[int(y_test[idx])].lower()).strip('_')
-        Image.fromarray(x_test[idx, 0].numpy()).save(folder / f'{i:02d}_{slug}.png')
-    print(f'images: {len(picks)} in {folder}')
+        Image.fromarray(x_test[idx, 0].numpy()).save(images / f'{i:02d}_{slug}.png')
+    print(f'images: {len(picks)} in {images}')
 
     # 5. model card (dry run, no weights: the weights ship in the package) and metrics
     card_dir = ROOT / 'hub_cards' / NAME
@@ -136,9 +127,9 @@ def main(argv=None) -> None:
                                           f'conv+BN+ReLU, cross entropy, same budget)')
     for folder in args.pointing:
         metrics.update(_pointing_metrics(folder))
-    publish(model, args.repo_id, metrics=metrics, images=sorted(str(p) for p in folder.glob('*.png'))[:2],
+    publish(model, args.repo_id, metrics=metrics, images=sorted(str(p) for p in images.glob('*.png'))[:2],
             dry_run=True, out_dir=str(card_dir), weights=False)
-    _write_json(card_dir / 'metrics.json', dict(
+    write_json(card_dir / 'metrics.json', dict(
         model=NAME, test_accuracy=acc, test_images=len(y_test),
         params=sum(p.numel() for p in model.parameters()),
         eq13_error=dict(float32=err32, float64=err64),
