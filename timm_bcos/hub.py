@@ -45,7 +45,7 @@ def _load(model_or_dir: Union[nn.Module, str, os.PathLike]) -> tuple:
 
 
 def card_metrics(results: Dict[str, Any]) -> Dict[str, Any]:
-    """The card's numbers from a run's ``results.json``: `timm_bcos.train`'s (metrics, history,
+    """The card's numbers from a run's ``results.json``: `timm_bcos.training`'s (metrics, history,
     recipe, data, config) or an already flat dict of metrics."""
     if not isinstance(results.get('metrics'), dict):
         return dict(results)

@@ -11,7 +11,7 @@ import timm_bcos
 from timm_bcos.data import FASHION_MNIST_DIR
 
 NAME = 'bcos_simple_cifar_tiny.fashion_mnist'
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAS_FASHION = (Path(FASHION_MNIST_DIR) / 't10k-labels-idx1-ubyte.gz').exists()
 
 
