@@ -141,7 +141,7 @@ def check_files(ckpt: Path, process_index: int, saved_processes: int, optimizer:
                 scaler: bool) -> None:
     """Open every file `load_state` reads, so that a bad one is named (accelerate skips an unreadable
     RNG file silently, and its other errors do not say which file)."""
-    from accelerate.utils.other import load
+    from accelerate.utils import load
 
     files = ['optimizer.bin', 'scheduler.bin'] + (['scaler.pt'] if scaler else [])
     if process_index < saved_processes:
