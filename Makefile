@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m timm_bcos.demo
+	$(VENV)/bin/timm-bcos demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

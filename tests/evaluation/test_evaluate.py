@@ -10,8 +10,8 @@ from torch import nn
 
 import timm_bcos  # noqa: F401  (registers the models)
 from timm_bcos.data import TensorImageDataset, build_datasets
-from timm_bcos.evaluate import (METHODS, POST_HOC, ablation_model_kwargs, attribute, default_smoothing,
-                                localisation, make_grids, occlusion, pointing_game, rank_by_confidence)
+from timm_bcos.evaluation import (METHODS, POST_HOC, ablation_model_kwargs, attribute, default_smoothing,
+                                  localisation, make_grids, occlusion, pointing_game, rank_by_confidence)
 from timm_bcos.explain import explain
 
 
@@ -323,6 +323,7 @@ def test_cli_runs_end_to_end_on_digits(trained_8px, tmp_path, capsys):
             assert 0 <= st['q25'] <= st['median'] <= st['q75'] <= 1 and 0 <= st['mean'] <= 1
             assert st['n'] == (2 if m == 'occlusion' else 3) * 4
     assert results['settings']['img_size'] == 8 and results['settings']['smooth'] == 1
+    assert 'eq13_error' in results['models']['bcos'] and 'eq13_error' not in results['models']['baseline']
     scores = np.load(out / 'scores.npz')
     assert scores['bcos/bcos'].shape == (3, 4) and scores['baseline/occlusion'].shape == (2, 4)
     np.testing.assert_allclose(scores['bcos/bcos'].mean(), results['models']['bcos']['methods']['bcos']['mean'])
@@ -334,7 +335,7 @@ def test_cli_runs_end_to_end_on_digits(trained_8px, tmp_path, capsys):
 
 
 def test_cli_rejects_bad_limits(tmp_path):
-    from timm_bcos.evaluate import main
+    from timm_bcos.evaluation import main
 
     with pytest.raises(SystemExit):
         main(['--out', str(tmp_path), '--limit', 'lime=3'])
@@ -352,9 +353,9 @@ def test_ablation_settings_are_v1s():
 
 
 def test_ablation_trains_evaluates_and_skips_finished_runs(tmp_path, monkeypatch):
-    import timm_bcos.evaluate
+    import timm_bcos.evaluation.ablation
     import timm_bcos.training
-    from timm_bcos.evaluate import b_ablation
+    from timm_bcos.evaluation import b_ablation
 
     kwargs = dict(bs=(2.0,), plain=True, img_size=8, epochs=2, batch_size=64, lr=1e-3, grid=2, n_grids=4,
                   progress=False, runs_dir=tmp_path / 'runs')
@@ -363,6 +364,7 @@ def test_ablation_trains_evaluates_and_skips_finished_runs(tmp_path, monkeypatch
         first = b_ablation(tmp_path / 'out', 'digits', **kwargs)
     assert [r['name'] for r in first['runs']] == ['B2.00-plain', 'B2.00-M2']
     assert all(r['n_grids'] == 4 and 0 <= r['localisation']['mean'] <= 1 for r in first['runs'])
+    assert all('eq13_error' in r for r in first['runs'])
     for png in ('ablation.png',):
         assert (tmp_path / 'out' / png).read_bytes()[:4] == b'\x89PNG'
     assert (tmp_path / 'runs' / 'B2.00-M2' / 'localisation_2x2.json').exists()
@@ -374,7 +376,7 @@ def test_ablation_trains_evaluates_and_skips_finished_runs(tmp_path, monkeypatch
         raise AssertionError('evaluated again')
 
     monkeypatch.setattr(timm_bcos.training, 'train', no_training)
-    monkeypatch.setattr(timm_bcos.evaluate, 'pointing_game', no_evaluation)  # the cached scores are used
+    monkeypatch.setattr(timm_bcos.evaluation.ablation, 'pointing_game', no_evaluation)  # the cached scores are used
     second = b_ablation(tmp_path / 'out2', 'digits', **kwargs)
     assert [r['accuracy'] for r in second['runs']] == [r['accuracy'] for r in first['runs']]
     assert [r['localisation'] for r in second['runs']] == [r['localisation'] for r in first['runs']]

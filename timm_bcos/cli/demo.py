@@ -15,14 +15,14 @@ import copy
 import os
 import re
 import time
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
-from ._utils import save_figure, write_json
-from .data import demo_images, load_images
-from .explain import check_dynamic_linearity, describe, explain, save_explanations
-from .models import load_model
+from .._utils import save_figure, write_json
+from ..data import demo_images, load_images
+from ..explain import check_dynamic_linearity, describe, explain, save_explanations
+from ..models import load_model
 
 DEFAULT_MODEL = 'bcos_simple_cifar_tiny.fashion_mnist'
 
@@ -34,8 +34,8 @@ def _true_label(path: str, classes: Sequence[str]) -> Optional[str]:
     return slugs.get(stem)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog='timm-bcos demo', description=__doc__.split('\n')[0])
     parser.add_argument('--model', default=DEFAULT_MODEL)
     parser.add_argument('--out', default=os.path.join('out', 'demo'))
     args = parser.parse_args(argv)
@@ -72,6 +72,3 @@ def main(argv=None) -> None:
     print(f'explanations: {os.path.abspath(args.out)}/<image>.png, results: {args.out}/results.json, '
           f'overview: {os.path.abspath(overview)}')
 
-
-if __name__ == '__main__':
-    main()

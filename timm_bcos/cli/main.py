@@ -4,10 +4,10 @@
                      [--target C | --topk K] [--layer L --neuron N] --out DIR
     timm-bcos publish RUN_DIR --repo-id ORG/NAME [--private] [--dry-run --out DIR] [--image PNG ...]
     timm-bcos pull ORG/NAME --out DIR
-    timm-bcos coverage [--models NAME ...] [--out conversion/coverage.md]
+    timm-bcos coverage [--models NAME ...] [--out out/coverage.md]
     timm-bcos train --model NAME --data digits|fashion-mnist|DIR --output DIR [options]  (see --help)
     timm-bcos evaluate --model NAME --baseline NAME --data fashion-mnist --grid 3 --n 500 --out DIR  (see --help)
-    timm-bcos demo [--steps 300]
+    timm-bcos demo [--model NAME] [--out out/demo]
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import List, Optional
 __all__ = ['main']
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='timm-bcos', description='B-cos networks for timm')
     sub = parser.add_subparsers(dest='command', required=True)
     ex = sub.add_parser('explain', help='explain images: one PNG per image and results.json')
@@ -42,13 +42,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     pull = sub.add_parser('pull', help="download a published model's files")
     pull.add_argument('repo_id')
     pull.add_argument('--out', required=True)
-    sub.add_parser('coverage', help='convert timm architectures and check Eq. 13 (writes a report)',
-                   add_help=False)
-    sub.add_parser('train', help='train with accelerate (checkpoints, --resume, final local-dir: folder)',
-                   add_help=False)
-    sub.add_parser('evaluate', help='grid pointing game of B-cos vs post-hoc explanations (tables, plots)',
-                   add_help=False)
-    sub.add_parser('demo', help='explain the shipped Fashion-MNIST model and check Eq. 13', add_help=False)
+    # these parse their own options (`timm-bcos train --help`)
+    for name, text in (('coverage', 'convert timm architectures and check Eq. 13 (writes a report)'),
+                       ('train', 'train with accelerate (checkpoints, --resume, final local-dir: folder)'),
+                       ('evaluate', 'grid pointing game of B-cos vs post-hoc explanations (tables, plots)'),
+                       ('demo', 'explain the shipped Fashion-MNIST model and check Eq. 13')):
+        sub.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = _parser()
     args, rest = parser.parse_known_args(argv)
     if args.command in ('explain', 'publish', 'pull'):
         if rest:
@@ -56,19 +60,19 @@ def main(argv: Optional[List[str]] = None) -> None:
         {'explain': _explain, 'publish': _publish, 'pull': _pull}[args.command](args)
         return
     if args.command == 'coverage':
-        from .convert.coverage import main as run
+        from ..convert.coverage import main as run
     elif args.command == 'train':
-        from .training import main as run
+        from ..training import main as run
     elif args.command == 'evaluate':
-        from .evaluate import main as run
+        from ..evaluation import main as run
     else:
         from .demo import main as run
     run(rest)
 
 
 def _explain(args: argparse.Namespace) -> None:
-    from .explain import describe, explain_images
-    from .models import load_model
+    from ..explain import describe, explain_images
+    from ..models import load_model
 
     if (args.layer is None) != (args.neuron is None):
         raise SystemExit('timm-bcos explain: --layer and --neuron go together')
@@ -82,7 +86,7 @@ def _explain(args: argparse.Namespace) -> None:
 
 
 def _publish(args: argparse.Namespace) -> None:
-    from .hub import publish
+    from ..hub import publish
 
     where = publish(args.run_dir, args.repo_id, images=args.image, private=args.private, dry_run=args.dry_run,
                     out_dir=args.out, weights=not args.no_weights)
@@ -90,10 +94,7 @@ def _publish(args: argparse.Namespace) -> None:
 
 
 def _pull(args: argparse.Namespace) -> None:
-    from .hub import pull
+    from ..hub import pull
 
     print(pull(args.repo_id, args.out))
 
-
-if __name__ == '__main__':
-    main()

@@ -1,0 +1,4 @@
+"""``python -m timm_bcos.cli ...``: the `timm-bcos` command."""
+from .main import main
+
+main()
