@@ -110,11 +110,14 @@ def render_model_card(model: nn.Module, repo_id: str, metrics: Optional[Dict[str
         explanation_png=explanation_png)
 
 
-def _explanation_png(model: nn.Module, images: Sequence[str], path: str) -> None:
-    from .explain import explain
+def _explanation_png(model: nn.Module, images: Sequence[str], path: str) -> float:
+    """Save the explanation of `images`' top classes to `path`; returns its `eq13_error`."""
     from .data import load_images
+    from .explain import explain
 
-    explain(model, load_images(model, images), k=min(2, getattr(model, 'num_classes', 2))).save(path)
+    e = explain(model, load_images(model, images), k=min(2, getattr(model, 'num_classes', 2)))
+    e.save(path)
+    return e.check()
 
 
 def publish(
@@ -137,7 +140,8 @@ def publish(
             its ``results.json`` fills the card).
         repo_id: ``ORG/NAME`` on the Hub.
         metrics: numbers for the card (``test_accuracy``, ``pointing_game``, ``train_seconds``, ...,
-            ``dataset`` and a ``recipe`` dict); merged over the run's results.
+            ``dataset`` and a ``recipe`` dict); merged over the run's results. The card also reports
+            the ``eq13_error`` of its example explanation.
         images: example images for the card's explanation PNG (default: the package's demo images).
         private: create the repo private.
         token: Hub token (default: ``HF_TOKEN`` or the saved login).
@@ -165,7 +169,7 @@ def publish(
             os.remove(os.path.join(work, 'model.safetensors'))
         png = None
         if images:
-            _explanation_png(model, images, os.path.join(work, _EXPLANATION_PNG))
+            card_metrics.setdefault('eq13_error', _explanation_png(model, images, os.path.join(work, _EXPLANATION_PNG)))
             png = _EXPLANATION_PNG
         render_model_card(model, repo_id, card_metrics, png).save(os.path.join(work, 'README.md'))
         if os.path.exists(final):

@@ -1,5 +1,6 @@
 """Publishing to the Hub: the dry-run folder, the model card, and a real upload to a local test double."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -56,6 +57,8 @@ def test_dry_run_folder_loads_back(model, images, tmp_path):
     assert 'explanation.png' in text and '@inproceedings{bohle2022bcos' in text
     assert '| test_accuracy | 0.912 |' in text and '| lr | 0.001 |' in text
     assert 'B = 2.0, MaxOut 2' in text
+    error = float(re.search(r'\| eq13_error \| (\S+) \|', text).group(1))  # the card's explanation is exact
+    assert 0 <= error < 1e-4
 
 
 def test_run_folder_and_no_weights(model, images, tmp_path):
