@@ -13,6 +13,8 @@ from timm_bcos.convert import unconverted_modules
 from timm_bcos.layers import BcosClassifier, BcosConvClassifier
 from timm_bcos.convert.coverage import COVERAGE_MODELS, check_model
 
+from digits_fit import fit_digits
+
 
 def _x(n=2, size=32, dtype=torch.float64):
     return AddInverse()(torch.rand(n, 3, size, size, dtype=dtype))
@@ -181,23 +183,8 @@ def test_conv2d_same_and_dtype_kept():
 @pytest.mark.slow
 def test_converted_resnet18_trains_on_digits():
     torch.manual_seed(0)
-    x_train, y_train, x_test, y_test = timm_bcos.data.load_digits(size=32)
-    encode = AddInverse()
-    x_train, x_test = encode(x_train), encode(x_test)
     model = convert_to_bcos(timm.create_model('resnet18', num_classes=10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(150):
-        idx = torch.randint(0, len(x_train), (32,), generator=gen)
-        loss = F.binary_cross_entropy_with_logits(model(x_train[idx]), F.one_hot(y_train[idx], 10).float())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x_test).argmax(1) == y_test).float().mean().item()
+    losses, acc = fit_digits(model, size=32, steps=150, batch=32)
     assert sum(losses[-20:]) / 20 < 0.5 * losses[0]
     assert acc > 0.5  # chance is 0.1
 

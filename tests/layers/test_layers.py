@@ -12,6 +12,7 @@ import timm_bcos
 from timm_bcos import AddInverse, BcosConv2d, BcosLinear, LogitLayer, explanation_mode
 from timm_bcos.layers import from_reference_layout, to_reference_layout
 
+from digits_fit import fit_digits
 from reference import naive_bcos_conv2d
 
 with warnings.catch_warnings():
@@ -287,23 +288,8 @@ def test_alignment_pressure_fig2():
 # --- trainability: the output scale of norm-free networks ------------------------------------
 
 def _train_digits(scale, steps=150):
-    x_train, y_train, x_test, y_test = timm_bcos.data.load_digits(size=16)
-    encode = AddInverse()
-    x_train, x_test = encode(x_train), encode(x_test)
     model = timm_bcos.models.BcosSimpleNet(widths=(16, 16, 32, 32, 32, 64, 64, 64), scale=scale)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(0, len(x_train), (64,), generator=gen)
-        loss = F.binary_cross_entropy_with_logits(model(x_train[idx]), F.one_hot(y_train[idx], 10).float())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    with torch.no_grad():
-        acc = (model.eval()(x_test).argmax(1) == y_test).float().mean().item()
-    return losses, acc
+    return fit_digits(model, size=16, steps=steps, batch=64)
 
 
 def test_default_scale_trains_norm_free_net():
