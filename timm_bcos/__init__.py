@@ -4,6 +4,7 @@
 package: layers -> convert -> models / weights -> explain -> training / evaluation / hub -> cli.
 """
 from . import models  # registers the bcos_* / bcosv2_* names with timm
+from ._utils import OutputFolderError
 from .convert import UnsupportedModuleError, convert_to_bcos, unconverted_modules
 from .data import create_transform, load_images
 from .explain import Explanation, check_dynamic_linearity, explain, explain_images
@@ -30,4 +31,6 @@ __all__ = [
     'load_model',
     # training and the Hub
     'CheckpointError', 'HubPublishError', 'TrainConfig', 'publish', 'pull', 'train',
+    # writing files: never into a folder (or over a file) the library did not create
+    'OutputFolderError',
 ]

@@ -1,4 +1,5 @@
-"""Helpers shared across the package: atomic file writes, package versions, the Hub's offline flag."""
+"""Helpers shared across the package: safe file writes (atomic, and only where the library may write),
+package versions, the Hub's offline flag."""
 from __future__ import annotations
 
 import io
@@ -6,9 +7,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Iterable, List, Optional, Union
 
-__all__ = ['ASSETS', 'hub_offline', 'package_version', 'save_figure', 'url_cache_dir', 'write_atomic', 'write_json']
+__all__ = ['ASSETS', 'OWNER_FILE', 'OutputFolder', 'OutputFolderError', 'hub_offline', 'package_version', 'save_figure',
+           'url_cache_dir', 'write_atomic', 'write_json']
 
 PathLike = Union[str, os.PathLike]
 
@@ -44,6 +46,77 @@ def write_atomic(path: PathLike, data: Union[str, bytes], *, fsync: bool = False
 def write_json(path: PathLike, obj: Any, *, fsync: bool = False) -> None:
     """`write_atomic` of ``obj`` as indented JSON."""
     write_atomic(path, json.dumps(obj, indent=2) + '\n', fsync=fsync)
+
+
+#: The hidden file that marks a folder as written by timm-bcos and lists the files it wrote there.
+OWNER_FILE = '.timm-bcos.json'
+
+
+class OutputFolderError(FileExistsError):
+    """A folder or file the library will not write into: it holds files the library did not create."""
+
+
+class OutputFolder:
+    """A folder the library writes into: new, empty, or one that `kind` wrote before.
+
+    The library never replaces or deletes a file it did not create: a non-empty folder it did not
+    write (no `OWNER_FILE`), or one another command wrote, is refused; in its own folders, every
+    name written through `path` is recorded in `OWNER_FILE`, and a file of that name that the
+    library did not write is refused. `legacy(folder)` may name the files of an output written
+    before `OWNER_FILE` existed (e.g. a training run), which are then adopted.
+    """
+
+    def __init__(self, path: PathLike, kind: str, legacy: Optional[Callable[[Path], Iterable[str]]] = None) -> None:
+        self.root, self.kind = Path(path), kind
+        if self.root.exists() and not self.root.is_dir():
+            raise OutputFolderError(f'{self.root} is a file, not a folder: choose a new or empty folder for the '
+                                    f'timm-bcos {kind} output')
+        entries = sorted(e for e in os.listdir(self.root) if e != OWNER_FILE) if self.root.is_dir() else []
+        owner = self._read_owner()
+        if owner is None:
+            self.files = set(legacy(self.root)) if legacy is not None and entries else set()
+            if entries and not self.files:
+                raise OutputFolderError(
+                    f'{self.root} is not empty and was not written by timm-bcos (it holds '
+                    f'{_some(entries)}): the library writes only into a new or empty folder or one it wrote '
+                    f'before; choose another folder')
+        elif owner.get('kind') != kind:
+            raise OutputFolderError(f'{self.root} holds the output of timm-bcos {owner.get("kind")}, not of '
+                                    f'{kind}: choose another folder')
+        else:
+            self.files = set(owner.get('files', ()))
+
+    def _read_owner(self) -> Optional[dict]:
+        try:
+            owner = json.loads((self.root / OWNER_FILE).read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except (OSError, ValueError) as e:
+            raise OutputFolderError(f'{self.root / OWNER_FILE}: unreadable ({e}); delete it only if the folder '
+                                    f'holds nothing of yours') from e
+        return owner if isinstance(owner, dict) else {}
+
+    def foreign(self) -> List[str]:
+        """The entries of the folder the library did not write (files a user put there)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(e for e in os.listdir(self.root) if e != OWNER_FILE and e not in self.files)
+
+    def path(self, name: str) -> Path:
+        """The path to write `name` (a file or folder directly in the folder) to; refused if a file of
+        that name exists that the library did not write. The name is recorded first."""
+        target = self.root / name
+        if os.path.lexists(target) and name not in self.files:
+            raise OutputFolderError(f'{target} exists and was not written by timm-bcos {self.kind}: not replacing '
+                                    f'it; move it away or choose another folder')
+        if name not in self.files or not (self.root / OWNER_FILE).exists():
+            self.files.add(name)
+            write_json(self.root / OWNER_FILE, dict(kind=self.kind, files=sorted(self.files)))
+        return target
+
+
+def _some(names: List[str], limit: int = 5) -> str:
+    return ', '.join(names[:limit]) + (f' and {len(names) - limit} more' if len(names) > limit else '')
 
 
 def save_figure(fig, path: PathLike, dpi: int = 100) -> None:

@@ -12,13 +12,14 @@ import math
 import os
 import shutil
 import tempfile
+from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
 from torch import nn
 
-from ._utils import ASSETS
+from ._utils import ASSETS, OWNER_FILE, OutputFolder, OutputFolderError
 
-__all__ = ['HubPublishError', 'card_metrics', 'publish', 'render_model_card', 'pull']
+__all__ = ['HubPublishError', 'card_metrics', 'check_repo_id', 'publish', 'pull', 'render_model_card']
 
 _TEMPLATE = str(ASSETS / 'model_card.md')
 _EXPLANATION_PNG = 'explanation.png'
@@ -146,41 +147,77 @@ def publish(
         private: create the repo private.
         token: Hub token (default: ``HF_TOKEN`` or the saved login).
         dry_run: only write the folder (to `out_dir`, or a temporary folder whose path is returned).
-        out_dir: where the folder is written (replaced atomically).
+        out_dir: where the folder is written: a new or empty folder, or publish's own earlier output,
+            which is replaced atomically; a folder holding anything else is refused.
         weights: include ``model.safetensors`` (False: card and config only, e.g. for ``hub_cards/``).
         endpoint: Hub endpoint (default: ``HF_ENDPOINT``).
 
     Returns:
         The folder written (dry run) or the URL of the commit.
     """
-    import timm
-
+    check_repo_id(repo_id)
     model, results = _load(model_or_dir)
     card_metrics = {**results, **(metrics or {})}
     if images is None:
         from .data import demo_images
         images = demo_images()
-    final = os.path.abspath(out_dir) if out_dir else tempfile.mkdtemp(prefix='timm-bcos-publish-')
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    work = tempfile.mkdtemp(prefix='.publish-', dir=os.path.dirname(final))
+    final = Path(out_dir).absolute() if out_dir else Path(tempfile.mkdtemp(prefix='timm-bcos-publish-'))
+    foreign = OutputFolder(final, 'publish').foreign()
+    if foreign:
+        raise OutputFolderError(f'{final} holds files publish did not write ({", ".join(foreign[:5])}): publish '
+                                f'replaces its whole folder, so it will not write there; choose a new or empty folder')
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix='.publish-', dir=final.parent))
     try:
-        timm.models.save_for_hf(model, work, safe_serialization=True)
-        if not weights:
-            os.remove(os.path.join(work, 'model.safetensors'))
-        png = None
-        if images:
-            card_metrics.setdefault('eq13_error', _explanation_png(model, images, os.path.join(work, _EXPLANATION_PNG)))
-            png = _EXPLANATION_PNG
-        render_model_card(model, repo_id, card_metrics, png).save(os.path.join(work, 'README.md'))
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(work, final)
+        _write_repo_folder(OutputFolder(work, 'publish'), model, repo_id, card_metrics, images, weights)
+        _replace_folder(work, final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     if dry_run:
-        return final
-    return _upload(final, repo_id, private=private, token=token, endpoint=endpoint)
+        return str(final)
+    return _upload(str(final), repo_id, private=private, token=token, endpoint=endpoint)
+
+
+def check_repo_id(repo_id: str) -> None:
+    """`repo_id` must be ``ORG/NAME`` as the Hub names repos (checked before anything is written)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        if not isinstance(repo_id, str) or repo_id.count('/') != 1:
+            raise HFValidationError('expected exactly one "/"')
+    except HFValidationError as e:
+        raise ValueError(f'repo_id must be ORG/NAME (letters, digits, "-", "_", "."), got {repo_id!r}: {e}') from e
+
+
+def _write_repo_folder(folder: OutputFolder, model: nn.Module, repo_id: str, metrics: Dict[str, Any],
+                       images: Sequence[str], weights: bool) -> None:
+    """timm's config.json (+ model.safetensors), the explanation PNG and the model card, in `folder`."""
+    import timm
+
+    folder.path('config.json')
+    if weights:
+        folder.path('model.safetensors')
+    timm.models.save_for_hf(model, str(folder.root), safe_serialization=True)
+    if not weights:
+        os.remove(folder.root / 'model.safetensors')
+    png = None
+    if images:
+        metrics.setdefault('eq13_error', _explanation_png(model, images, str(folder.path(_EXPLANATION_PNG))))
+        png = _EXPLANATION_PNG
+    render_model_card(model, repo_id, metrics, png).save(str(folder.path('README.md')))
+
+
+def _replace_folder(work: Path, final: Path) -> None:
+    """Put the finished folder `work` in place of `final` (absent, empty, or publish's own output)."""
+    if not final.exists():
+        os.replace(work, final)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f'.{final.name}.old-', dir=final.parent))
+    os.replace(final, old / final.name)
+    os.replace(work, final)
+    shutil.rmtree(old)  # publish's own previous output (checked: nothing else was in it)
 
 
 def _upload(folder: str, repo_id: str, *, private: bool, token: Optional[str], endpoint: Optional[str]) -> str:
@@ -194,7 +231,8 @@ def _upload(folder: str, repo_id: str, *, private: bool, token: Optional[str], e
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message='Upload B-cos model (timm-bcos)')
+        info = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message='Upload B-cos model (timm-bcos)',
+                                 ignore_patterns=[OWNER_FILE])
     except HfHubHTTPError as e:
         status = getattr(e.response, 'status_code', None)
         if status in (401, 403):

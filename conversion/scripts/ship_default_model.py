@@ -127,8 +127,11 @@ def main(argv=None) -> None:
                                           f'conv+BN+ReLU, cross entropy, same budget)')
     for folder in args.pointing:
         metrics.update(_pointing_metrics(folder))
-    publish(model, args.repo_id, metrics=metrics, images=sorted(str(p) for p in images.glob('*.png'))[:2],
-            dry_run=True, out_dir=str(card_dir), weights=False)
+    examples = sorted(str(p) for p in images.glob('*.png'))[:2]
+    # into a new temporary folder (hub_cards/NAME holds more than the card), then the card's files
+    rendered = Path(publish(model, args.repo_id, metrics=metrics, images=examples, dry_run=True, weights=False))
+    for name in ('README.md', 'config.json', 'explanation.png'):
+        write_atomic(card_dir / name, (rendered / name).read_bytes())
     write_json(card_dir / 'metrics.json', dict(
         model=NAME, test_accuracy=acc, test_images=len(y_test),
         params=sum(p.numel() for p in model.parameters()),

@@ -49,3 +49,27 @@ def test_explain_command(tmp_path, capsys):
     assert json.loads((tmp_path / 'layer' / 'results.json').read_text())[0]['targets'] == [3]
     with pytest.raises(SystemExit):
         main(['explain', images[0], '--model', 'bcos_simple_cifar_tiny', '--layer', 'features.4', '--out', 'x'])
+
+
+def test_coverage_replaces_only_a_coverage_report(tmp_path, capsys):
+    notes = tmp_path / 'notes.md'
+    notes.write_text('# my notes\n')
+    with pytest.raises(SystemExit) as e:
+        main(['coverage', '--models', 'resnet18', '--out', str(notes)])
+    assert e.value.code == 1 and notes.read_text() == '# my notes\n'
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'is not a coverage report' in err and 'Traceback' not in err
+    report = tmp_path / 'coverage.md'
+    for _ in range(2):  # its own report is rewritten
+        main(['coverage', '--models', 'resnet18', '--out', str(report)])
+    assert report.read_text().startswith('# Conversion coverage')
+
+
+def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    args = ['explain', str(tmp_path / 'missing.png'), '--model', 'bcos_simple_cifar_tiny', '--out', str(tmp_path / 'o')]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count('\n') == 1 and 'missing.png' in err and err.startswith('timm-bcos explain:')
+    with pytest.raises(FileNotFoundError):
+        main(args + ['--debug'])

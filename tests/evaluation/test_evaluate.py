@@ -10,8 +10,9 @@ from torch import nn
 
 import timm_bcos  # noqa: F401  (registers the models)
 from timm_bcos.data import TensorImageDataset, build_datasets
-from timm_bcos.evaluation import (METHODS, POST_HOC, ablation_model_kwargs, attribute, default_smoothing,
-                                  localisation, make_grids, occlusion, pointing_game, rank_by_confidence)
+from timm_bcos.evaluation import (METHODS, POST_HOC, ablation_model_kwargs, attribute, b_ablation, default_smoothing,
+                                  localisation, make_grids, occlusion, pointing_game, rank_by_confidence,
+                                  run_evaluation)
 from timm_bcos.explain import explain
 
 
@@ -382,3 +383,12 @@ def test_ablation_trains_evaluates_and_skips_finished_runs(tmp_path, monkeypatch
     assert [r['localisation'] for r in second['runs']] == [r['localisation'] for r in first['runs']]
     with pytest.raises(RuntimeError, match='another config'):
         b_ablation(tmp_path / 'out3', 'digits', **dict(kwargs, epochs=3))
+
+
+def test_evaluate_refuses_a_folder_of_the_users_files_before_any_work(tmp_path):
+    (tmp_path / 'notes.txt').write_text('mine')
+    with pytest.raises(timm_bcos.OutputFolderError, match='not written by timm-bcos'):
+        run_evaluation('no-such-model', data='digits', out=tmp_path)  # refused before the model is even loaded
+    with pytest.raises(timm_bcos.OutputFolderError, match='not written by timm-bcos'):
+        b_ablation(tmp_path, data='digits')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['notes.txt']

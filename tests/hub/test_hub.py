@@ -11,6 +11,7 @@ from PIL import Image
 
 import timm_bcos
 from timm_bcos.cli import main as cli
+from timm_bcos._utils import OWNER_FILE
 from timm_bcos.hub import HubPublishError, publish
 
 from hub_double import HubDouble
@@ -34,6 +35,11 @@ def images(tmp_path):
     return paths
 
 
+def _files(folder):
+    """A published folder's files, without the hidden file marking it as publish's own (not uploaded)."""
+    return sorted(f for f in os.listdir(folder) if f != OWNER_FILE)
+
+
 def _same(a, b, x):
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
@@ -43,7 +49,7 @@ def _same(a, b, x):
 
 def test_dry_run_folder_loads_back(model, images, tmp_path):
     out = publish(model, 'testorg/bcos-tiny', metrics=METRICS, images=images, dry_run=True, out_dir=str(tmp_path / 'repo'))
-    assert sorted(os.listdir(out)) == ['README.md', 'config.json', 'explanation.png', 'model.safetensors']
+    assert _files(out) == ['README.md', 'config.json', 'explanation.png', 'model.safetensors']
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
     _same(model, loaded, torch.rand(3, 6, 32, 32))
     card = ModelCard.load(os.path.join(out, 'README.md'))
@@ -66,7 +72,7 @@ def test_run_folder_and_no_weights(model, images, tmp_path):
     (tmp_path / 'run' / 'results.json').write_text('{"test_accuracy": 0.9, "dataset": "digits"}')
     cli(['publish', str(tmp_path / 'run'), '--repo-id', 'testorg/x', '--dry-run', '--out', str(tmp_path / 'card'),
          '--no-weights', '--image', images[0]])
-    assert sorted(os.listdir(tmp_path / 'card')) == ['README.md', 'config.json', 'explanation.png']
+    assert _files(tmp_path / 'card') == ['README.md', 'config.json', 'explanation.png']
     assert ModelCard.load(str(tmp_path / 'card' / 'README.md')).data.datasets == ['digits']
 
 
@@ -103,3 +109,54 @@ def test_clear_errors(model, images, tmp_path, monkeypatch):
                 out_dir=str(tmp_path / 'b'))
     with pytest.raises(FileNotFoundError, match='no config.json'):
         publish(str(tmp_path), 'testorg/x', dry_run=True)
+
+
+# --- publish writes only into a folder of its own --------------------------------------------
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+@pytest.mark.parametrize('kind', ['unrelated files', 'a training run'])
+def test_publish_never_deletes_a_folder_it_did_not_write(model, images, tmp_path, kind):
+    out = tmp_path / 'out'
+    (out / 'checkpoint').mkdir(parents=True)
+    if kind == 'unrelated files':
+        (out / 'notes.txt').write_text('mine')
+    else:
+        for name in ('results.json', 'metrics.jsonl', 'checkpoint/trainer_state.json'):
+            (out / name).write_text('{}')
+    before = _tree(out)
+    with pytest.raises(timm_bcos.OutputFolderError, match='not written by timm-bcos'):
+        publish(model, 'testorg/x', images=images, dry_run=True, out_dir=str(out))
+    assert _tree(out) == before
+    assert sorted(os.listdir(tmp_path)) == ['example0.png', 'example1.png', 'out']  # no temporary folder left
+
+
+def test_publish_out_dot_refused_by_the_cli(model, images, tmp_path, monkeypatch, capsys):
+    timm.models.save_for_hf(model, str(tmp_path / 'run'), safe_serialization=True)
+    monkeypatch.chdir(tmp_path)
+    before = _tree(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli(['publish', 'run', '--repo-id', 'testorg/x', '--dry-run', '--out', '.', '--image', images[0]])
+    assert e.value.code != 0 and 'not written by timm-bcos' in capsys.readouterr().err
+    assert _tree(tmp_path) == before
+
+
+def test_publish_replaces_its_own_folder_but_not_a_file_put_into_it(model, images, tmp_path):
+    out = tmp_path / 'card'
+    publish(model, 'testorg/x', images=images, dry_run=True, out_dir=str(out), weights=False)
+    (out / 'README.md').write_text('stale')
+    publish(model, 'testorg/x', images=images, dry_run=True, out_dir=str(out), weights=False)
+    assert 'B-cos network' in (out / 'README.md').read_text()  # replaced: it was publish's own
+    (out / 'my_notes.md').write_text('mine')
+    with pytest.raises(timm_bcos.OutputFolderError, match='my_notes.md'):
+        publish(model, 'testorg/x', images=images, dry_run=True, out_dir=str(out), weights=False)
+    assert (out / 'my_notes.md').read_text() == 'mine'
+
+
+@pytest.mark.parametrize('repo_id', ['a/b/c', '../../etc', '', 'no-org', 'org/bad name'])
+def test_bad_repo_id_is_refused_before_anything_is_written(model, tmp_path, repo_id):
+    with pytest.raises(ValueError, match='repo_id must be ORG/NAME'):
+        publish(model, repo_id, dry_run=True, out_dir=str(tmp_path / 'out'))
+    assert not (tmp_path / 'out').exists()

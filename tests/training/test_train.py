@@ -282,6 +282,43 @@ def test_incompatible_checkpoint_and_occupied_output(tmp_path, finished_run):
         train(_cfg(out))
 
 
+@pytest.mark.parametrize('flags', [{}, dict(overwrite=True), dict(resume=True)])
+def test_a_folder_of_the_users_files_is_never_used(tmp_path, flags):
+    out = tmp_path / 'mine'
+    out.mkdir()
+    (out / 'config.json').write_text('{"mine": 1}')
+    (out / 'results.json').write_text('{"mine": 2}')
+    with pytest.raises(timm_bcos.OutputFolderError, match='not written by timm-bcos'):
+        train(_cfg(out, **flags))
+    assert sorted(os.listdir(out)) == ['config.json', 'results.json']
+    assert json.loads((out / 'config.json').read_text()) == {'mine': 1}
+
+
+def test_a_run_folder_in_use_is_locked(tmp_path, finished_run):
+    """A second run into the folder of a running one refuses, naming the lock and the process;
+    the lock goes with its process, even a killed one."""
+    out = tmp_path / 'out'
+    shutil.copytree(finished_run[0], out)
+    holder = subprocess.Popen(
+        [sys.executable, '-c', 'import sys, time; from pathlib import Path; '
+         'from timm_bcos.training.run_folder import RunLock; RunLock(Path(sys.argv[1])); print("locked", flush=True); '
+         'time.sleep(120)', str(out / 'run.lock')], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        metrics = (out / 'metrics.jsonl').read_text()
+        for flags in (dict(resume=True), dict(overwrite=True)):
+            with pytest.raises(timm_bcos.OutputFolderError,
+                               match=rf'in use by another training run \(process {holder.pid} on .*run\.lock'):
+                train(_cfg(out, **flags))
+            _reset_accelerate()
+        assert (out / 'metrics.jsonl').read_text() == metrics and (out / 'checkpoint').is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    results = train(_cfg(out, resume=True))  # the killed holder's lock is gone
+    assert results['epochs_completed'] == 2
+
+
 # --- export ----------------------------------------------------------------------------------
 
 def test_final_folder_loads_with_timm_local_dir(finished_run):

@@ -19,9 +19,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .._utils import save_figure, write_json
+from .._utils import OutputFolder, save_figure, write_json
 from ..data import demo_images, load_images
 from ..explain import check_dynamic_linearity, describe, explain, save_explanations
+from ..explain.files import earlier_explanations
 from ..models import load_model
 
 DEFAULT_MODEL = 'bcos_simple_cifar_tiny.fashion_mnist'
@@ -49,15 +50,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     model = load_model(args.model)
     x = load_images(model, images)
     e = explain(model, x)
-    results = save_explanations(e, images, args.out)
-    write_json(os.path.join(args.out, 'results.json'), results)
+    folder = OutputFolder(args.out, 'explain', legacy=earlier_explanations)
+    results = save_explanations(e, images, folder)
+    write_json(folder.path('results.json'), results)
     seconds = time.perf_counter() - t0
     for r in results:
         print(describe(r))
 
     truths = [_true_label(r['image'], e.class_names or []) for r in results]
     correct = sum(t == r['class_name'] for t, r in zip(truths, results))
-    overview = os.path.join(args.out, 'overview.png')
+    overview = folder.path('overview.png')
     fig = e.plot_overview(
         [f'{r["class_name"]}\n({r["probabilities"][0]:.2f})' for r in results],
         [t is not None and t != r['class_name'] for t, r in zip(truths, results)],

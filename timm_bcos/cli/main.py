@@ -12,13 +12,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import List, Optional
 
 __all__ = ['main']
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='timm-bcos', description='B-cos networks for timm')
+    parser = argparse.ArgumentParser(prog='timm-bcos', description='B-cos networks for timm',
+                                     epilog='--debug (anywhere): show the traceback of an error')
     sub = parser.add_subparsers(dest='command', required=True)
     ex = sub.add_parser('explain', help='explain images: one PNG per image and results.json')
     ex.add_argument('images', nargs='+')
@@ -30,13 +32,15 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument('--topk', type=int, help='explain the top-k classes')
     what.add_argument('--layer', help='explain a neuron of this module (with --neuron)')
     ex.add_argument('--neuron', type=int, help='channel of --layer to explain')
-    ex.add_argument('--out', required=True, help='output folder')
+    ex.add_argument('--out', required=True, help='output folder: new, empty, or an earlier explain output')
     pub = sub.add_parser('publish', help='write a Hub repo folder (weights, config, model card) and upload it')
     pub.add_argument('run_dir', help='a folder with config.json + model.safetensors (e.g. a train run)')
     pub.add_argument('--repo-id', required=True)
     pub.add_argument('--private', action='store_true')
+    pub.add_argument('--token', help='Hub token (default: HF_TOKEN or the saved `hf auth login`)')
     pub.add_argument('--dry-run', action='store_true', help='only write the folder')
-    pub.add_argument('--out', help='where to write the folder (default: a temporary folder)')
+    pub.add_argument('--out', help='where to write the folder: new, empty, or an earlier publish output (default: '
+                                   'a new temporary folder)')
     pub.add_argument('--no-weights', action='store_true', help='card and config only (no model.safetensors)')
     pub.add_argument('--image', action='append', help="example image(s) for the card's explanation")
     pull = sub.add_parser('pull', help="download a published model's files")
@@ -52,8 +56,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    """Run a command. A user error (a missing or unreadable file, a folder the library will not write
+    into, a bad value, missing weights, ...) prints one line and exits with status 1; ``--debug``
+    (anywhere on the command line) shows the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = '--debug' in argv
+    argv = [a for a in argv if a != '--debug']
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
+    try:
+        _run(parser, args, rest)
+    except Exception as e:  # one line for the user; the traceback with --debug
+        if debug:
+            raise
+        print(f'timm-bcos {args.command}: error: {_one_line(e)} (--debug shows the traceback)', file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: List[str]) -> None:
     if args.command in ('explain', 'publish', 'pull'):
         if rest:
             parser.error(f'unrecognized arguments: {" ".join(rest)}')
@@ -68,6 +88,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     else:
         from .demo import main as run
     run(rest)
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of `e` on one line; its type too unless it is one of the errors meant for users."""
+    text = ' '.join(str(e).split()) or type(e).__name__
+    user_errors = (OSError, ValueError, RuntimeError, ImportError)  # files, values, weights, Hub, checkpoints
+    return text if isinstance(e, user_errors) else f'{type(e).__name__}: {text}'
 
 
 def _explain(args: argparse.Namespace) -> None:
@@ -88,8 +115,8 @@ def _explain(args: argparse.Namespace) -> None:
 def _publish(args: argparse.Namespace) -> None:
     from ..hub import publish
 
-    where = publish(args.run_dir, args.repo_id, images=args.image, private=args.private, dry_run=args.dry_run,
-                    out_dir=args.out, weights=not args.no_weights)
+    where = publish(args.run_dir, args.repo_id, images=args.image, private=args.private, token=args.token,
+                    dry_run=args.dry_run, out_dir=args.out, weights=not args.no_weights)
     print(f'{"wrote" if args.dry_run else "published"}: {where}')
 
 

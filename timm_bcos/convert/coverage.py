@@ -10,6 +10,7 @@ check in float64. Writes a markdown report: model, params, converted?, max relat
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -18,7 +19,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .._utils import write_atomic
+from .._utils import OutputFolderError, write_atomic
 from ..layers import AddInverse
 from .converter import convert_to_bcos, unconverted_modules
 from .rules import TRUSTED_FORWARDS
@@ -44,6 +45,7 @@ FAILURE_NOTES = {
                    'read-and-trusted entry in TRUSTED_FORWARDS.',
 }
 _SIZES = (64, 96, 128)
+REPORT_TITLE = '# Conversion coverage'
 TOLERANCE = 1e-4
 
 
@@ -97,12 +99,13 @@ def check_model(name: str, batch: int = 2, **convert_kwargs) -> CoverageResult:
 
 
 def write_report(results: Sequence[CoverageResult], path: str, command: str = 'timm-bcos coverage') -> None:
-    """Write the markdown table (atomically); `command` is the command line that produced it."""
+    """Write the markdown table (atomically); `command` is the command line that produced it. An
+    existing file at `path` is replaced only if it is an earlier coverage report."""
     import timm
 
     ok = sum(r.ok for r in results)
     lines = [
-        '# Conversion coverage',
+        REPORT_TITLE,
         '',
         f'`{command}` with timm {timm.__version__}, torch {torch.__version__}: '
         f'{ok}/{len(results)} architectures convert with a dynamic-linearity error <= {TOLERANCE:g}.',
@@ -129,7 +132,17 @@ def write_report(results: Sequence[CoverageResult], path: str, command: str = 't
     for r in results:
         if not r.ok and r.model in FAILURE_NOTES:
             lines.append(f'- **{r.model}**: {FAILURE_NOTES[r.model]}')
+    _check_report_path(path)
     write_atomic(path, '\n'.join(lines) + '\n')
+
+
+def _check_report_path(path: str) -> None:
+    """Only an earlier coverage report may be replaced."""
+    if os.path.exists(path):
+        with open(path, errors='replace') as f:
+            if not f.readline().startswith(REPORT_TITLE):
+                raise OutputFolderError(f'{path} exists and is not a coverage report: not replacing it; choose '
+                                        f'another --out')
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -139,6 +152,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--models', nargs='+', default=COVERAGE_MODELS + EXTRA_MODELS)
     parser.add_argument('--out', default='out/coverage.md')
     args = parser.parse_args(argv)
+    _check_report_path(args.out)  # before the survey, not after it
     torch.set_flush_denormal(True)
     results = []
     for name in (bar := tqdm(args.models, unit='model')):

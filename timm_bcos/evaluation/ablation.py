@@ -15,7 +15,7 @@ import timm
 import torch
 
 from .. import training
-from .._utils import save_figure, write_atomic, write_json
+from .._utils import OutputFolder, save_figure, write_atomic, write_json
 from ..data import build_datasets, count_classes
 from ..models import load_model
 from ..weights.v1 import V1_CIFAR_BS, v1_cifar_settings
@@ -150,14 +150,13 @@ def _evaluate_run(run: Path, name: str, weights: Optional[str], data: str, img_s
     return result
 
 
-def _write_ablation(out: Path, result: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> None:
+def _write_ablation(out: OutputFolder, result: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> None:
     """``ablation.json``, ``ablation.md``, ``scores.npz`` (scores per run) and ``ablation.png`` in `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / 'ablation.json', result)
-    write_atomic(out / 'ablation.md', ablation_markdown(result))
-    write_npz(out / 'scores.npz', arrays)
+    write_json(out.path('ablation.json'), result)
+    write_atomic(out.path('ablation.md'), ablation_markdown(result))
+    write_npz(out.path('scores.npz'), arrays)
     s = result['settings']
-    save_figure(plot_ablation(result['runs'], arrays, s['grid'], s['data']), out / 'ablation.png', dpi=110)
+    save_figure(plot_ablation(result['runs'], arrays, s['grid'], s['data']), out.path('ablation.png'), dpi=110)
 
 
 def b_ablation(out: Union[str, Path] = 'out/ablation', data: str = 'fashion-mnist', *,
@@ -175,7 +174,8 @@ def b_ablation(out: Union[str, Path] = 'out/ablation', data: str = 'fashion-mnis
     finished run (results.json with ``finished``) is not trained again, an interrupted one resumes
     from its last epoch; a finished run with another config is an error (delete it or use another
     runs_dir). Its evaluation is cached in ``localisation_<g>x<g>.json`` next to it (recomputed
-    when the evaluation settings change). Writes ``ablation.json``, ``ablation.md``,
+    when the evaluation settings change). Writes (to `out`: new, empty or an earlier ablation
+    output) ``ablation.json``, ``ablation.md``,
     ``ablation.png`` (accuracy crosses and localisation box plots against B) and ``scores.npz`` to `out`.
 
     `calibrate_temperature`: instead of v1's per-B logit temperature (tuned for the 64-256 wide
@@ -184,8 +184,8 @@ def b_ablation(out: Union[str, Path] = 'out/ablation', data: str = 'fashion-mnis
     A model that classifies too few classes correctly for a grid gets no localisation scores
     (recorded, not an error).
     """
-    out = Path(out)
-    runs = Path(runs_dir) if runs_dir is not None else out / 'runs'
+    folder = OutputFolder(out, 'ablation')  # refused now, not after the training, if it holds the user's files
+    runs = Path(runs_dir) if runs_dir is not None else folder.path('runs')
     evaluation = dict(grid=grid, n_grids=n_grids, seed=seed, min_confidence=min_confidence,
                       batch_size=eval_batch_size, progress=progress)
     entries: List[Dict[str, Any]] = []
@@ -218,5 +218,5 @@ def b_ablation(out: Union[str, Path] = 'out/ablation', data: str = 'fashion-mnis
                                 n_grids=n_grids, min_confidence=min_confidence, model_kwargs=model_kwargs or {},
                                 calibrate_temperature=calibrate_temperature),
                   runs=entries)
-    _write_ablation(out, result, arrays)
+    _write_ablation(folder, result, arrays)
     return result

@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import nn
 
-from .._utils import package_version, save_figure, write_atomic, write_json
+from .._utils import OutputFolder, package_version, save_figure, write_atomic, write_json
 from ..data import build_datasets
 from ..models import load_model
 from .attribution import METHOD_LABELS, default_methods
@@ -112,13 +112,13 @@ def _play_model(key: str, model: nn.Module, name: str, test_set, grid: int, n_gr
     return entry, game
 
 
-def _save_examples(out: Path, key: str, label: str, model: nn.Module, game: PointingGame,
+def _save_examples(out: OutputFolder, key: str, label: str, model: nn.Module, game: PointingGame,
                    classes: Optional[Sequence[str]], n_examples: int) -> None:
     fig = plot_examples(model, game, classes, title=f'{label}: maps for the outlined tile\'s class '
                                                     f'(title: localisation score)')
-    save_figure(fig, out / f'examples_{key}.png', dpi=110)
+    save_figure(fig, out.path(f'examples_{key}.png'), dpi=110)
     if is_bcos(model) and 'bcos' in game.scores:
-        save_figure(plot_bcos_tiles(model, game, classes, n=min(3, n_examples)), out / 'examples_bcos_tiles.png',
+        save_figure(plot_bcos_tiles(model, game, classes, n=min(3, n_examples)), out.path('examples_bcos_tiles.png'),
                     dpi=110)
 
 
@@ -132,7 +132,7 @@ def run_evaluation(model: Union[str, nn.Module], baseline: Union[str, nn.Module,
                    device: Union[str, torch.device, None] = None, progress: bool = True) -> Dict[str, Any]:
     """Pointing game of a B-cos model (and optionally a conventional baseline) on one data source.
 
-    Writes to `out`: ``results.json`` (settings, per model and method: mean, median, quartiles,
+    Writes to `out` (new, empty or an earlier evaluate output: `OutputFolder`): ``results.json`` (settings, per model and method: mean, median, quartiles,
     min, max, counts, seconds per grid; per B-cos model the largest relative Eq. 13 error,
     ``eq13_error``), ``results.md`` (the table), ``scores.npz`` (every score,
     ``<model>/<method>`` arrays of shape (grids, grid**2)), ``boxplot.png`` (Fig. 5/6 style),
@@ -143,7 +143,7 @@ def run_evaluation(model: Union[str, nn.Module], baseline: Union[str, nn.Module,
     modules. `methods`: applied to each model where applicable (``bcos`` only to B-cos models).
     """
     dev = torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    out = Path(out)
+    folder = OutputFolder(out, 'evaluate')  # refused before the work, if it holds the user's files
     loaded = [('bcos', *_load(model, dev))]
     if baseline is not None:
         loaded.append(('baseline', *_load(baseline, dev)))
@@ -176,13 +176,12 @@ def run_evaluation(model: Union[str, nn.Module], baseline: Union[str, nn.Module,
         arrays[f'{key}/labels'] = game.grids.labels.numpy()
         arrays[f'{key}/indices'] = game.grids.indices.numpy()
         if n_examples:
-            _save_examples(out, key, label, m, game, splits.classes, n_examples)
+            _save_examples(folder, key, label, m, game, splits.classes, n_examples)
         print(f'{label}: accuracy {100 * entry["accuracy"]:.2f}%, {entry["n_grids"]} grids: ' + ', '.join(
             f'{meth} {st["mean"]:.3f} ({st["seconds_per_grid"]:.3f} s/grid)' for meth, st in entry['methods'].items()))
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / 'results.json', results)
-    write_atomic(out / 'results.md', pointing_game_markdown(results))
-    write_npz(out / 'scores.npz', arrays)
-    save_figure(plot_boxes(boxes, grid, title=f'{data}: {grid}x{grid} grid pointing game'), out / 'boxplot.png',
+    write_json(folder.path('results.json'), results)
+    write_atomic(folder.path('results.md'), pointing_game_markdown(results))
+    write_npz(folder.path('scores.npz'), arrays)
+    save_figure(plot_boxes(boxes, grid, title=f'{data}: {grid}x{grid} grid pointing game'), folder.path('boxplot.png'),
                 dpi=110)
     return results

@@ -24,7 +24,6 @@ global batches are split across processes, so ``resume=True`` continues a killed
 from __future__ import annotations
 
 import math
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,11 +34,12 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import add_inverse
-from .checkpoint import (CHECKPOINT, FORMAT_VERSION, METRICS_FILE, RESULTS_FILE, STATE_FILE, WEIGHTS_FILE,
-                         CheckpointError, append_metrics, check_compatible, check_files, load_weights, read_metrics,
-                         read_state, recover_checkpoint, save_checkpoint, weights_digest, write_metrics)
+from .checkpoint import (CHECKPOINT, FORMAT_VERSION, METRICS_FILE, WEIGHTS_FILE,
+                         CheckpointError, append_metrics, check_files, load_weights, read_metrics,
+                         save_checkpoint, weights_digest, write_metrics)
 from .config import ModelInput, TrainConfig, loss_function, lr_factor, model_input
 from .export import export_run
+from .run_folder import prepare_output
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -59,7 +59,17 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     """
     out = Path(config.output)
     accelerator = _accelerator(config)
-    resume_state = _prepare_output(accelerator, config, out)
+    resume_state, lock = prepare_output(accelerator, config, out)
+    try:
+        return _run(accelerator, config, out, resume_state)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(accelerator: Accelerator, config: TrainConfig, out: Path, resume_state: Optional[Dict[str, Any]]
+         ) -> Dict[str, Any]:
+    """Model and data, then the epochs (from the checkpoint when resuming) and the export."""
     model, data, spec = _model_and_data(config)
     run = _prepare(accelerator, config, model, data, spec)
     start_epoch, step, history = 0, 0, []
@@ -127,33 +137,6 @@ def _use_cpu(config: TrainConfig) -> bool:
     if acc is not None and hasattr(acc, 'is_available'):
         return not acc.is_available()
     return not torch.cuda.is_available()
-
-
-def _prepare_output(accelerator: Accelerator, config: TrainConfig, out: Path) -> Optional[Dict[str, Any]]:
-    """Refuse to mix runs; after a crash, repair the checkpoint rename (main process); clear the
-    folder unless resuming. Returns the trainer state to resume from (None: start afresh)."""
-    ckpt = out / CHECKPOINT
-    leftovers = [p for p in (ckpt, out / (CHECKPOINT + '.old'), out / METRICS_FILE, out / WEIGHTS_FILE) if p.exists()]
-    if leftovers and not config.resume and not config.overwrite:
-        raise FileExistsError(f'{out} holds a previous run ({", ".join(p.name for p in leftovers)}): pass resume=True '
-                              f'(--resume) to continue it, overwrite=True (--overwrite) to start afresh, or another '
-                              f'output folder')
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if config.resume:
-            recover_checkpoint(out)
-        if not (config.resume and ckpt.exists()):
-            for p in (ckpt, out / (CHECKPOINT + '.old'), out / (CHECKPOINT + '.tmp')):
-                if p.exists():
-                    shutil.rmtree(p)
-            for name in (METRICS_FILE, RESULTS_FILE, WEIGHTS_FILE, 'config.json'):
-                (out / name).unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-    resume_state = read_state(ckpt) if config.resume and ckpt.exists() else None
-    if resume_state is not None:
-        check_compatible(resume_state, config, ckpt / STATE_FILE)
-    return resume_state
 
 
 def _model_and_data(config: TrainConfig) -> Tuple[nn.Module, DataSplits, ModelInput]:
