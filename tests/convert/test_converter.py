@@ -1,5 +1,6 @@
 """convert_to_bcos: user models, timm models, rules, errors, timm API, trainability, coverage."""
 import math
+import warnings
 
 import pytest
 import timm
@@ -121,6 +122,68 @@ def test_non_strict_warns_and_keeps():
     with pytest.warns(UserWarning, match='adding|two input-dependent'):
         model = convert_to_bcos(model, strict=False)
     assert isinstance(model[0], BcosConv2d)
+
+
+class InlineReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)) * torch.sigmoid(x.mean((2, 3), keepdim=True))  # rewritten: gate, relu
+
+
+class AbsBlock(nn.Module):
+    def forward(self, x):
+        return x.abs()  # no dynamic-linear form
+
+
+def _half_convertible():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), InlineReLU(), nn.MaxPool2d(2), AbsBlock(),
+                         nn.Flatten(), nn.Linear(196, 5))
+
+
+def test_failed_conversion_leaves_the_model_as_it_was():
+    model = _half_convertible().eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        before_out = model(x)
+    before = (repr(model), {k: v.clone() for k, v in model.state_dict().items()}, type(model))
+    with pytest.raises(UnsupportedModuleError, match="at '5'"):
+        convert_to_bcos(model)  # the first five modules were converted and rewritten before '5' failed
+    assert (repr(model), type(model)) == (before[0], before[2])
+    assert all(torch.equal(v, before[1][k]) for k, v in model.state_dict().items()) and model.state_dict().keys() == \
+        before[1].keys()
+    assert not any('forward' in vars(m) or hasattr(m, 'bcos_gate_0') for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x), before_out)
+
+
+def test_non_strict_model_says_on_every_explain_that_it_is_not_exact():
+    with pytest.warns(UserWarning, match='not known to be linear'):
+        model = convert_to_bcos(_half_convertible(), strict=False)
+    (found,) = model.bcos_cfg['unconverted']
+    assert 'abs' in found and "at '5'" in found
+    x = torch.rand(2, 3, 16, 16)
+    for _ in range(2):
+        with pytest.warns(UserWarning, match=r"not an exact explanation: 1 part\(s\) of the model were left "
+                                             r"unconverted.*at '5'"):
+            e = model.explain(x)
+        assert not e.exact and 'unconverted' in e.warning
+    exact = convert_to_bcos(UserNet())
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert exact.explain(torch.rand(2, 3, 32, 32)).exact
+
+
+def test_convert_needs_a_network():
+    with pytest.raises(TypeError, match=r"expects a network \(an nn.Module\), got str \(build it first: "
+                                        r"timm.create_model\('resnet18'\)\)"):
+        convert_to_bcos('resnet18')
+    model = convert_to_bcos(UserNet())
+    with pytest.raises(TypeError, match='already a B-cos network'):
+        convert_to_bcos(model)
 
 
 def test_bad_arguments():

@@ -51,7 +51,7 @@ def test_dry_run_folder_loads_back(model, images, tmp_path):
     out = publish(model, 'testorg/bcos-tiny', metrics=METRICS, images=images, dry_run=True, out_dir=str(tmp_path / 'repo'))
     assert _files(out) == ['README.md', 'config.json', 'explanation.png', 'model.safetensors']
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
-    _same(model, loaded, torch.rand(3, 6, 32, 32))
+    _same(model, loaded, timm_bcos.add_inverse(torch.rand(3, 3, 32, 32)))
     card = ModelCard.load(os.path.join(out, 'README.md'))
     data = card.data.to_dict()
     assert data['library_name'] == 'timm' and data['license'] == 'apache-2.0'
@@ -90,7 +90,7 @@ def test_upload_and_load_back_through_the_hub_api(model, images, tmp_path, monke
         monkeypatch.setattr(constants, 'ENDPOINT', hub.url)
         monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', hub.url + '/{repo_id}/resolve/{revision}/{filename}')
         loaded = timm.create_model('hf-hub:testorg/bcos-tiny', pretrained=True, cache_dir=str(tmp_path / 'cache'))
-        _same(model, loaded.eval(), torch.rand(2, 6, 32, 32))
+        _same(model, loaded.eval(), timm_bcos.add_inverse(torch.rand(2, 3, 32, 32)))
         with pytest.raises(HubPublishError, match='no write access to someoneelse/repo.*403'):
             publish(model, 'someoneelse/repo', images=images, token='hf_test', endpoint=hub.url,
                     out_dir=str(tmp_path / 'other'))

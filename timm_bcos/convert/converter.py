@@ -59,19 +59,34 @@ def convert_to_bcos(
 
     Returns:
         The same model object, converted, with the `BcosModelMixin` methods (explanation_mode,
-        check_dynamic_linearity, explain).
+        check_dynamic_linearity, explain). If the conversion fails, the model is left exactly as it
+        was. With ``strict=False``, what could not be converted is listed in
+        ``model.bcos_cfg['unconverted']`` and every `explain` warns that the model is not exact.
     """
     if norm not in ('none', 'bnu'):
         raise ValueError(f"norm must be 'none' or 'bnu', got {norm!r}")
     if head not in ('auto', 'conv'):
         raise ValueError(f"head must be 'auto' or 'conv', got {head!r}")
+    if not isinstance(model, nn.Module):
+        hint = f" (build it first: timm.create_model({model!r}))" if isinstance(model, str) else ''
+        raise TypeError(f'convert_to_bcos expects a network (an nn.Module), got {type(model).__name__}{hint}')
     if find_rule(model) is not None:
         raise TypeError(f'convert_to_bcos expects a network, got a single {type(model).__name__}')
+    if getattr(model, 'bcos_cfg', None) is not None:
+        raise TypeError(f'{type(model).__name__} is already a B-cos network (it has a bcos_cfg)')
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(f'{lazy[0]} is not initialised yet (a lazy module): run one forward pass first')
     ctx = ConversionContext.create(b, max_out, norm, strict)
     stems, classifier = stem_paths(model), classifier_path(model)
-    convert_tree(model, '', ctx)
-    convert_stem(model, stems, in_chans, ctx)
-    logit_bias = convert_head(model, classifier, ctx, head, logit_bias, logit_temperature)
+    try:
+        convert_tree(model, '', ctx)
+        convert_stem(model, stems, in_chans, ctx)
+        logit_bias = convert_head(model, classifier, ctx, head, logit_bias, logit_temperature)
+    except BaseException:
+        ctx.undo()  # all or nothing: the model is as it was
+        raise
     return attach_bcos_mixin(model, dict(
         b=b, max_out=max_out, norm=norm, in_chans=in_chans, logit_bias=logit_bias,
-        logit_temperature=logit_temperature, head=head, stem=stems, classifier=classifier))
+        logit_temperature=logit_temperature, head=head, stem=stems, classifier=classifier,
+        unconverted=list(ctx.skipped)))

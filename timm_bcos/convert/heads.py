@@ -45,9 +45,9 @@ def _get_submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
         return None
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+def _set_submodule(model: nn.Module, path: str, module: nn.Module, ctx: ConversionContext) -> None:
     parent, _, name = path.rpartition('.')
-    setattr(model.get_submodule(parent) if parent else model, name, module)
+    ctx.set(model.get_submodule(parent) if parent else model, name, module)
 
 
 def convert_stem(model: nn.Module, paths: Sequence[str], in_chans: int, ctx: ConversionContext) -> None:
@@ -65,7 +65,7 @@ def convert_stem(model: nn.Module, paths: Sequence[str], in_chans: int, ctx: Con
         else:
             new = BcosConv2d(in_chans, conv.out_channels, conv.kernel_size, padding=conv.padding,
                              padding_mode=conv.padding_mode, **kwargs)
-        _set_submodule(model, path, new.to(device=conv.weight.device, dtype=conv.weight.dtype))
+        _set_submodule(model, path, new.to(device=conv.weight.device, dtype=conv.weight.dtype), ctx)
 
 
 def convert_head(model: nn.Module, path: Optional[str], ctx: ConversionContext, head: str, logit_bias: Optional[float],
@@ -90,9 +90,9 @@ def convert_head(model: nn.Module, path: Optional[str], ctx: ConversionContext, 
             raise UnsupportedModuleError(path, "head='conv'", 'needs a timm global_pool (SelectAdaptivePool2d) '
                                                               'next to the classifier')
         from timm.layers import SelectAdaptivePool2d
-        parent.global_pool = SelectAdaptivePool2d(pool_type='', flatten=False)
+        ctx.set(parent, 'global_pool', SelectAdaptivePool2d(pool_type='', flatten=False))
         new = BcosConvClassifier(clf.in_features, num_classes, **kwargs)
-    _set_submodule(model, path, new.to(device=clf.weight.device, dtype=clf.weight.dtype))
+    _set_submodule(model, path, new.to(device=clf.weight.device, dtype=clf.weight.dtype), ctx)
     return logit_bias
 
 
@@ -102,5 +102,5 @@ def reconvert_classifier(model: nn.Module, bcos_cfg: Dict[str, Any]) -> Optional
     ctx = ConversionContext.create(bcos_cfg['b'], bcos_cfg['max_out'], bcos_cfg['norm'])
     path = classifier_path(model)
     if path is not None:
-        _set_submodule(model, path, convert_tree(model.get_submodule(path), path, ctx))
+        _set_submodule(model, path, convert_tree(model.get_submodule(path), path, ctx), ctx)
     return convert_head(model, path, ctx, bcos_cfg['head'], None, bcos_cfg['logit_temperature'])

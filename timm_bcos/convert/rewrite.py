@@ -353,12 +353,12 @@ def analyse_and_rewrite(module: nn.Module, path: str, ctx: ConversionContext, me
         for i, node in enumerate(plans[mode].gate_functions):
             name = f'bcos_gate_{i}'
             if not hasattr(module, name):
-                module.add_module(name, DynamicGate(node.target if node.op == 'call_function' else
-                                                    _method_as_function(node.target)))
+                ctx.set(module, name, DynamicGate(node.target if node.op == 'call_function' else
+                                                  _method_as_function(node.target)))
             gate_names[node] = name
         _rewrite(module, graph, plans[mode], gate_names)
         forwards[mode] = type(fx.GraphModule(module, graph)).forward
-    _bind_forward(module, method, forwards[True], forwards[False])
+    _bind_forward(module, method, forwards[True], forwards[False], ctx)
 
 
 def _method_as_function(name: str) -> Callable:
@@ -368,11 +368,12 @@ def _method_as_function(name: str) -> Callable:
     return fn
 
 
-def _bind_forward(module: nn.Module, method: str, train_forward: Callable, eval_forward: Callable) -> None:
+def _bind_forward(module: nn.Module, method: str, train_forward: Callable, eval_forward: Callable,
+                  ctx: ConversionContext) -> None:
     """Replace the instance's method by the rewritten graphs (traced in train and eval mode)."""
     def forward(self, *args, **kwargs):
         return (train_forward if self.training else eval_forward)(self, *args, **kwargs)
-    setattr(module, method, types.MethodType(forward, module))
+    ctx.set(module, method, types.MethodType(forward, module))
 
 
 # --- the tree walk: pass 1 on custom modules, pass 2 on leaves -------------------------------------
@@ -395,5 +396,5 @@ def convert_tree(module: nn.Module, prefix: str, ctx: ConversionContext) -> nn.M
         path = f'{prefix}.{name}' if prefix else name
         new = convert_tree(child, path, ctx)
         if new is not child:
-            setattr(module, name, new)
+            ctx.set(module, name, new)
     return module

@@ -85,8 +85,9 @@ def _is_linear_leaf(m: nn.Module) -> bool:
 
 @dataclass
 class ConversionContext:
-    """The settings of one conversion and what the fx pass found: module paths that compute a gate
-    (kept as `DynamicGate`) and modules that only feed a gate (exempt from the rules)."""
+    """The settings of one conversion, what the fx pass found (module paths that compute a gate, kept
+    as `DynamicGate`; modules that only feed a gate, exempt from the rules) and the journal of every
+    change made to the model, so that a failed conversion leaves it as it was (`undo`)."""
 
     b: float
     max_out: int
@@ -95,6 +96,8 @@ class ConversionContext:
     scale: Optional[str]
     gates: Set[str] = field(default_factory=set)
     exempt: Set[str] = field(default_factory=set)
+    journal: List[Tuple[Any, str, bool, Any]] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)  # strict=False: what was left unconverted, and why
 
     @classmethod
     def create(cls, b: float, max_out: int, norm: str, strict: bool = True) -> 'ConversionContext':
@@ -102,11 +105,30 @@ class ConversionContext:
         (``scale='auto'``); with uncentered norms (v2) the layers are unscaled."""
         return cls(b=b, max_out=max_out, norm=norm, strict=strict, scale='auto' if norm == 'none' else None)
 
+    def set(self, obj: Any, name: str, value: Any) -> None:
+        """``setattr(obj, name, value)``, journaled for `undo` (the converter changes models only so)."""
+        own = obj.__dict__ if name in obj.__dict__ else getattr(obj, '_modules', {})
+        had = name in own
+        self.journal.append((obj, name, had, own[name] if had else None))
+        setattr(obj, name, value)
+
+    def undo(self) -> None:
+        """Restore every attribute set through `set`, latest first: the model as before the conversion."""
+        for obj, name, had, old in reversed(self.journal):
+            if had:
+                setattr(obj, name, old)
+            else:
+                delattr(obj, name)
+        self.journal.clear()
+
     def unsupported(self, path: str, what: str, reason: str) -> None:
         err = UnsupportedModuleError(path, what, reason)
         if self.strict:
             raise err
-        warnings.warn(str(err), stacklevel=3)
+        found = f'{what} at {path or "<root>"!r}: {reason}'
+        if found not in self.skipped:  # the fx pass traces train and eval mode: report each once
+            self.skipped.append(found)
+            warnings.warn(str(err), stacklevel=3)
 
     def bcos_kwargs(self) -> Dict[str, Any]:
         return dict(b=self.b, max_out=self.max_out, scale=self.scale)

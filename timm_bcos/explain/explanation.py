@@ -32,6 +32,8 @@ class Explanation:
         positions: the explained spatial position per image and column, (N, T, S) for S spatial
             dims of the layer's output; None for logits and (N, C) activations.
         class_names: the model's label names (``pretrained_cfg['label_names']``) if it has them.
+        warning: why the explanation is not exact (parts of the model left unconverted, or Eq. 13
+            violated), as `explain` warned; None for an exact explanation.
     """
 
     weights: Tensor
@@ -45,6 +47,12 @@ class Explanation:
     layer: Optional[str] = None
     positions: Optional[Tensor] = None
     class_names: Optional[List[str]] = None
+    warning: Optional[str] = None
+
+    @property
+    def exact(self) -> bool:
+        """True unless `explain` found the explanation inexact (see `warning`)."""
+        return self.warning is None
 
     def check(self, index: Optional[int] = None) -> float:
         """The Eq. 13 error (`eq13_error`): ``|contributions.sum + bias - logits| / max |logits - bias|``.
