@@ -190,3 +190,58 @@ def test_load_model_uses_the_default_tags_weights():
     assert shipped.pretrained_cfg['tag'] == 'fashion_mnist'
     with pytest.raises(RuntimeError, match='close B-cos names'):
         load_model('bcos_resnet19')
+
+
+# --- loading errors name what is wrong --------------------------------------------------------
+
+def test_hub_repo_missing_offline_is_named(tmp_path, monkeypatch):
+    from timm_bcos.models import load_model
+
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
+    with pytest.raises(PretrainedWeightsError, match=r'cannot load testorg/not-cached from the Hugging Face Hub '
+                                                     r'\(HF_HUB_OFFLINE=1 is set and it is not in the local Hub cache'):
+        load_model('hf-hub:testorg/not-cached')
+
+
+def test_local_dir_without_a_readable_config_is_named(tmp_path):
+    from timm_bcos.models import load_model
+
+    with pytest.raises(PretrainedWeightsError, match=r'empty/config.json: not found'):
+        load_model(f'local-dir:{tmp_path / "empty"}')
+    (tmp_path / 'bad').mkdir()
+    (tmp_path / 'bad' / 'config.json').write_text('{"architecture": "bcos_simple_cifar_tiny",')
+    with pytest.raises(PretrainedWeightsError, match=r'bad/config.json: not a readable JSON config'):
+        load_model(f'local-dir:{tmp_path / "bad"}')
+
+
+def test_missing_weights_file_says_file_not_found(tmp_path):
+    path = tmp_path / 'nowhere.safetensors'
+    with pytest.raises(PretrainedWeightsError) as e:
+        timm.create_model('bcos_simple_cifar_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert str(e.value) == f'file not found: {path} (the weights of bcos_simple_cifar_tiny)'
+
+
+def test_mismatch_names_the_checkpoints_class_count_and_maxout(tmp_path):
+    from timm_bcos.models import load_model
+
+    plain = timm.create_model('bcos_simple_cifar_tiny', max_out=1)  # 10 classes, MaxOut 1: classifier rows = 10
+    _save_model(plain, tmp_path / 'plain.safetensors')
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_model('bcos_simple_cifar_tiny', str(tmp_path / 'plain.safetensors'))
+    assert "MaxOut 1, the model's 2: build it with max_out=1" in str(e.value) and 'pass num_classes' not in str(e.value)
+    five = timm.create_model('bcos_simple_cifar_tiny', num_classes=5)
+    _save_model(five, tmp_path / 'five.safetensors')
+    with pytest.raises(CheckpointMismatchError, match=r'has 5 classes: pass num_classes=5'):
+        load_model('bcos_simple_cifar_tiny', str(tmp_path / 'five.safetensors'))
+
+
+def test_load_model_with_a_checkpoint_uses_the_names_class_count(tmp_path):
+    from timm_bcos.models import load_model
+
+    model = timm.create_model('bcos_simple_cifar_tiny')  # the registered default: 10 classes
+    _save_model(model, tmp_path / 'w.safetensors')
+    loaded = load_model('bcos_simple_cifar_tiny', str(tmp_path / 'w.safetensors'))  # was built for 1000 classes
+    assert loaded.num_classes == 10
+    x = _x()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))

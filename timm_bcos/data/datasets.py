@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from .builtin import BUILTIN_CLASSES, DIGITS_CLASSES, FASHION_MNIST_CLASSES, load_digits, load_fashion_mnist
+from .transforms import open_image
 
 __all__ = ['IMAGE_EXTENSIONS', 'DataSplits', 'ImageFolderDataset', 'KeyedSubset', 'SeededSampler', 'TensorImageDataset',
            'build_datasets', 'count_classes']
@@ -133,10 +134,12 @@ def _find_images(folder: Path) -> Tuple[List[str], List[Tuple[str, int]]]:
         raise FileNotFoundError(f'{folder}: no class subfolders (expected {folder}/<class>/<image>)')
     samples = []
     for c, name in enumerate(classes):
-        for root, _, files in sorted(os.walk(folder / name, followlinks=True)):
-            samples += [(os.path.join(root, f), c) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    if not samples:
-        raise FileNotFoundError(f'{folder}: no images with extensions {", ".join(IMAGE_EXTENSIONS)}')
+        found = [(os.path.join(root, f), c) for root, _, files in sorted(os.walk(folder / name, followlinks=True))
+                 for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not found:
+            raise ValueError(f'{folder / name}: a class folder without images (extensions '
+                             f'{", ".join(IMAGE_EXTENSIONS)}): remove it or add its images')
+        samples += found
     return classes, samples
 
 
@@ -162,12 +165,9 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, key: Key) -> Tuple[Tensor, int]:
-        from PIL import Image
-
         i, seed = _split_key(key)
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            img = im.convert('RGB')
+        img = open_image(path)  # a corrupt file is named in the error
         if self.transform is None:
             return img, label
         if seed is None:

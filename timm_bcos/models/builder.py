@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from typing import Any, Callable, Dict, Optional
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from .._utils import hub_offline, url_cache_dir
+from ..layers import BcosConv2d, BcosLinear
 
 __all__ = ['CheckpointMismatchError', 'PretrainedWeightsError', 'build_bcos_model', 'check_state_dict', 'create_model',
            'load_model']
@@ -50,15 +52,33 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
         parts = [f'{what} ({len(keys)}): {keys[:8]}{" ..." if len(keys) > 8 else ""}'
                  for what, keys in (('missing keys', missing), ('unexpected keys', unexpected),
                                     ('shape mismatches', shapes)) if keys]
-        hint = ''
         head = [k for k in classifiers if f'{k}.weight' in state_dict]
-        if head and any(s.startswith(f'{head[0]}.weight') for s in shapes):
-            units = state_dict[head[0] + '.weight'].shape[0] // getattr(model.get_submodule(head[0]), 'max_out', 1)
-            hint = f' The checkpoint has {units} classes: pass num_classes={units} to match it.'
+        hint = _mismatch_hint(state_dict, model, head[0]) if head else ''
         name = cfg.get('architecture', type(model).__name__)
         raise CheckpointMismatchError(f'checkpoint does not fit {name}: ' + '; '.join(parts) +
                                       '. Is it a checkpoint of another architecture or class count?' + hint)
     return state_dict
+
+
+def _mismatch_hint(state_dict: Dict[str, torch.Tensor], model: nn.Module, head: str) -> str:
+    """What to change to fit the checkpoint: its class count and its MaxOut (read off the first B-cos
+    layer below the head: ``weight`` rows = outputs x MaxOut)."""
+    modules = dict(model.named_modules())
+    ours = getattr(modules.get(head), 'max_out', 1)
+    theirs = None
+    for name, m in modules.items():
+        w = state_dict.get(f'{name}.weight')
+        outputs = getattr(m, 'out_channels', getattr(m, 'out_features', None))
+        if name != head and isinstance(m, (BcosConv2d, BcosLinear)) and w is not None and w.shape[0] % outputs == 0:
+            theirs = w.shape[0] // outputs
+            break
+    classes = state_dict[f'{head}.weight'].shape[0] // (theirs or ours)
+    hint = ''
+    if classes != getattr(model, 'num_classes', classes):
+        hint += f' The checkpoint has {classes} classes: pass num_classes={classes} to match it.'
+    if theirs is not None and theirs != ours:
+        hint += f' Its B-cos layers have MaxOut {theirs}, the model\'s {ours}: build it with max_out={theirs}.'
+    return hint
 
 
 def _weights_source(cfg: Dict[str, Any]) -> str:
@@ -84,6 +104,8 @@ def build_bcos_model(
         return check_state_dict(state_dict, model)
 
     cfg = _resolved_cfg(variant, kwargs) if pretrained else {}
+    if pretrained and cfg.get('file') and not os.path.exists(cfg['file']):
+        raise PretrainedWeightsError(f'file not found: {cfg["file"]} (the weights of {variant})')
     if pretrained and hub_offline() and not cfg.get('file') and not cfg.get('hf_hub_id') and cfg.get('url'):
         cached = os.path.join(kwargs.get('cache_dir') or url_cache_dir(), os.path.basename(cfg['url'].split('?')[0]))
         if not os.path.exists(cached):  # timm would try to download: fail now, with the way out
@@ -127,7 +149,9 @@ def _is_load_error(e: Exception) -> bool:
 
 
 def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """`timm.create_model`, but an unknown ``bcos`` name lists the close matches."""
+    """`timm.create_model` with clear errors: an unknown ``bcos`` name lists the close matches; a
+    ``local-dir:`` folder without a readable ``config.json`` and an ``hf-hub:`` repo that cannot be
+    read (offline and not cached, or not on the Hub) raise `PretrainedWeightsError` naming them."""
     import timm
 
     base = model_name.split('.')[0]
@@ -136,7 +160,32 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Modu
         close = difflib.get_close_matches(base, names, n=5, cutoff=0.6)
         raise RuntimeError(f'Unknown model ({model_name}); close B-cos names: {close or names[:10]}. '
                            f'All: timm.list_models("bcos*") (after `import timm_bcos`).')
-    return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    if model_name.startswith('local-dir:'):
+        _check_local_dir(model_name[len('local-dir:'):])
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except (CheckpointMismatchError, PretrainedWeightsError):
+        raise
+    except Exception as e:
+        if not model_name.startswith('hf-hub:') or not _is_load_error(e):
+            raise
+        repo = model_name[len('hf-hub:'):]
+        offline = 'HF_HUB_OFFLINE=1 is set and it is not in the local Hub cache' if hub_offline() else 'not found'
+        raise PretrainedWeightsError(f'cannot load {repo} from the Hugging Face Hub ({offline}: {type(e).__name__}). '
+                                     f'Download it where there is network access (timm-bcos pull {repo} --out DIR), '
+                                     f'then load local-dir:DIR.') from e
+
+
+def _check_local_dir(path: str) -> None:
+    config = os.path.join(path, 'config.json')
+    if not os.path.isfile(config):
+        raise PretrainedWeightsError(f'{config}: not found; local-dir: needs a folder with timm\'s config.json and '
+                                     f'the weights (e.g. a timm-bcos train run or a published repo folder)')
+    try:
+        with open(config) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        raise PretrainedWeightsError(f'{config}: not a readable JSON config ({e})') from e
 
 
 def load_model(name: str, checkpoint: Optional[str] = None, **kwargs) -> nn.Module:
@@ -148,7 +197,11 @@ def load_model(name: str, checkpoint: Optional[str] = None, **kwargs) -> nn.Modu
     if checkpoint is not None:
         if not os.path.exists(checkpoint):
             raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
-        overlay = dict(file=checkpoint, num_classes=kwargs.get('num_classes', 1000))
+        overlay = dict(file=checkpoint)
+        registered = timm.models.get_pretrained_cfg(name) if ':' not in name and timm.is_model(name) else None
+        num_classes = kwargs.get('num_classes', getattr(registered, 'num_classes', None))  # the name's own default
+        if num_classes is not None:
+            overlay['num_classes'] = num_classes
         return create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
     if ':' not in name and not timm.is_model(name.split('.')[0]):
         return create_model(name, **kwargs)  # raises, listing the close B-cos names
