@@ -18,6 +18,8 @@ from typing import Any, Dict, Optional, Sequence, Union
 from torch import nn
 
 from ._utils import ASSETS, OWNER_FILE, OutputFolder, OutputFolderError
+from .data import example_images
+from .models.export import save_pretrained
 
 __all__ = ['HubPublishError', 'card_metrics', 'check_repo_id', 'publish', 'pull', 'render_model_card']
 
@@ -143,7 +145,8 @@ def publish(
         metrics: numbers for the card (``test_accuracy``, ``pointing_game``, ``train_seconds``, ...,
             ``dataset`` and a ``recipe`` dict); merged over the run's results. The card also reports
             the ``eq13_error`` of its example explanation.
-        images: example images for the card's explanation PNG (default: the package's demo images).
+        images: example images for the card's explanation PNG (default: `example_images` of the
+            model's classes: the shipped Fashion-MNIST images, test digits, or none).
         private: create the repo private.
         token: Hub token (default: ``HF_TOKEN`` or the saved login).
         dry_run: only write the folder (to `out_dir`, or a temporary folder whose path is returned).
@@ -158,9 +161,6 @@ def publish(
     check_repo_id(repo_id)
     model, results = _load(model_or_dir)
     card_metrics = {**results, **(metrics or {})}
-    if images is None:
-        from .data import demo_images
-        images = demo_images()
     final = Path(out_dir).absolute() if out_dir else Path(tempfile.mkdtemp(prefix='timm-bcos-publish-'))
     foreign = OutputFolder(final, 'publish').foreign()
     if foreign:
@@ -169,7 +169,10 @@ def publish(
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix='.publish-', dir=final.parent))
     try:
-        _write_repo_folder(OutputFolder(work, 'publish'), model, repo_id, card_metrics, images, weights)
+        with tempfile.TemporaryDirectory() as examples:
+            if images is None:  # images of the model's own data, never another dataset's
+                images = example_images(model.pretrained_cfg.get('label_names'), examples)
+            _write_repo_folder(OutputFolder(work, 'publish'), model, repo_id, card_metrics, images, weights)
         _replace_folder(work, final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -194,12 +197,10 @@ def check_repo_id(repo_id: str) -> None:
 def _write_repo_folder(folder: OutputFolder, model: nn.Module, repo_id: str, metrics: Dict[str, Any],
                        images: Sequence[str], weights: bool) -> None:
     """timm's config.json (+ model.safetensors), the explanation PNG and the model card, in `folder`."""
-    import timm
-
     folder.path('config.json')
     if weights:
         folder.path('model.safetensors')
-    timm.models.save_for_hf(model, str(folder.root), safe_serialization=True)
+    save_pretrained(model, str(folder.root))
     if not weights:
         os.remove(folder.root / 'model.safetensors')
     png = None

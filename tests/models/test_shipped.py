@@ -76,3 +76,16 @@ def test_rendered_card_in_hub_cards_matches_the_shipped_model(model, tmp_path):
     x = torch.rand(2, 6, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_shipped_card_explains_the_demo_images(model, tmp_path):
+    """The card's explanation.png is the explanation of the first two demo images (not of anything
+    else lying around when it was rendered: it once showed a box plot)."""
+    import numpy as np
+    from PIL import Image
+
+    fresh = tmp_path / 'explanation.png'
+    timm_bcos.explain(model, timm_bcos.load_images(model, timm_bcos.data.demo_images()[:2]), k=2).save(fresh)
+    shipped = np.asarray(Image.open(ROOT / 'hub_cards' / NAME / 'explanation.png').convert('RGB'), dtype=float)
+    ours = np.asarray(Image.open(fresh).convert('RGB'), dtype=float)
+    assert shipped.shape == ours.shape and np.abs(shipped - ours).mean() < 2  # 0-255; a box plot differs by ~60

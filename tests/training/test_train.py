@@ -418,3 +418,27 @@ def test_two_processes_match_one_process(tmp_path):
     for key in ('train_loss', 'test_loss'):
         assert r2[key] == pytest.approx(r1[key], rel=1e-5)
     assert r2['train_acc'] == r1['train_acc'] and r2['test_acc'] == r1['test_acc']
+
+
+def test_run_config_describes_the_run_and_fits_timms_pipeline(tmp_path):
+    """A run of bcos_simple_cifar_tiny (whose default tag is the shipped Fashion-MNIST model) on
+    digits: its config.json and card describe that run; timm's own transform reads its config."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from timm_bcos.hub import publish
+
+    out = tmp_path / 'run'
+    train(_cfg(out, model='bcos_simple_cifar_tiny', model_kwargs={}, epochs=1, max_steps=2))
+    cfg = json.loads((out / 'config.json').read_text())['pretrained_cfg']
+    assert cfg.get('tag') != 'fashion_mnist' and 'license' not in cfg and 'digits' in cfg['description']
+    assert cfg['mean'] == [0.0] * 3 and cfg['std'] == [1.0] * 3 and cfg['label_names'] == [str(i) for i in range(10)]
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
+    image = create_transform(**resolve_data_config(model=loaded))(Image.new('RGB', (20, 20)))
+    assert image.shape == (3, 16, 16)  # timm's pipeline; timm_bcos.create_transform adds the encoding
+    card = Path(publish(str(out), 'testorg/digits', dry_run=True, out_dir=str(tmp_path / 'card'), weights=False))
+    published = json.loads((card / 'config.json').read_text())['pretrained_cfg']
+    assert published['mean'] == [0.0] * 3 and 'digits' in published['description']
+    digits = timm_bcos.data.example_images(timm_bcos.data.DIGITS_CLASSES, tmp_path)
+    timm_bcos.explain(loaded.eval(), timm_bcos.load_images(loaded, digits), k=2).save(tmp_path / 'digits.png')
+    assert (card / 'explanation.png').read_bytes() == (tmp_path / 'digits.png').read_bytes()  # digits, not clothes

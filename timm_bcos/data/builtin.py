@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
-from typing import List, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from torch import Tensor
 from .._utils import ASSETS
 
 __all__ = ['BUILTIN_CLASSES', 'DIGITS_CLASSES', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_DIR', 'demo_images',
-           'load_digits', 'load_fashion_mnist']
+           'example_images', 'load_digits', 'load_fashion_mnist']
 
 #: Where Debian's ``dataset-fashion-mnist`` installs the gzip idx files; ``TIMM_BCOS_FASHION_MNIST``
 #: overrides it (a folder with the same four files, e.g. downloaded from the Fashion-MNIST repository).
@@ -97,6 +97,22 @@ def load_fashion_mnist(size: int = 32, root: Union[str, Path, None] = None) -> T
                            f'{yte.shape}')
     return (_resize_uint8(xtr, size), torch.from_numpy(ytr.astype(np.int64)),
             _resize_uint8(xte, size), torch.from_numpy(yte.astype(np.int64)))
+
+
+def example_images(label_names: Optional[Sequence[str]], folder: Union[str, Path], n: int = 2) -> List[str]:
+    """Example images for a model of these classes: the shipped Fashion-MNIST images, or the first
+    `n` test digits written as PNGs into `folder`; none for other classes."""
+    if label_names is not None and tuple(label_names) == FASHION_MNIST_CLASSES:
+        return demo_images()[:n]
+    if label_names is not None and tuple(label_names) == DIGITS_CLASSES:
+        from PIL import Image
+
+        x = load_digits(size=32)[2][:n]
+        paths = [os.path.join(folder, f'digit_{i}.png') for i in range(len(x))]
+        for image, path in zip(x, paths):
+            Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+        return paths
+    return []
 
 
 def demo_images() -> List[str]:

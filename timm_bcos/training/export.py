@@ -3,15 +3,15 @@ loadable with ``timm.create_model('local-dir:OUTPUT', pretrained=True)`` after `
 and ``results.json`` (metrics, recipe, data, environment)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List
 
 import torch
 from torch import nn
 
 from .._utils import package_version, write_json
 from ..data import BUILTIN_CLASSES
+from ..models.export import save_pretrained
 from .checkpoint import RESULTS_FILE
 from .config import ModelInput, TrainConfig
 
@@ -21,24 +21,17 @@ if TYPE_CHECKING:
 __all__ = ['export_run', 'save_model']
 
 
-def save_model(model: nn.Module, out: Path, config: TrainConfig, classes: Sequence[str], spec: ModelInput) -> None:
-    """`timm.models.save_for_hf` with the run's input (no normalisation) and class names."""
-    import timm
-
+def save_model(model: nn.Module, out: Path, config: TrainConfig, data: DataSplits, spec: ModelInput) -> None:
+    """`save_pretrained` with the run's input (no normalisation), class names and a description of
+    this run (not of the weights the model was registered with)."""
     channels = 3 if spec.in_chans == 3 else 1
     data_config = dict(input_size=(spec.in_chans, spec.img_size, spec.img_size), interpolation=spec.interpolation,
                        crop_pct=1.0 if config.data in BUILTIN_CLASSES else spec.crop_pct,
                        # no normalisation (timm wants 1 or in_chans values: one for the 6-channel models)
                        mean=(0.0,) * channels, std=(1.0,) * channels)
-    timm.models.save_for_hf(model, out, model_config=dict(label_names=list(classes)), safe_serialization=True,
-                            data_config=data_config)
-    if spec.in_chans == 6:
-        # timm writes mean/std with one value per *model* input channel (6); the images they
-        # apply to have 3 (the encoding comes after): keep the registry's 3-value form, which
-        # timm_bcos.create_transform and timm's transforms take
-        hf_config = json.loads((out / 'config.json').read_text())
-        hf_config['pretrained_cfg'].update(mean=[0.0] * 3, std=[1.0] * 3)
-        write_json(out / 'config.json', hf_config, fsync=True)
+    description = f'{config.model} trained with timm-bcos for {config.epochs} epochs on {data.description}'
+    save_pretrained(model, str(out), description=description, label_names=data.classes, data_config=data_config,
+                    fsync=True)
 
 
 def export_run(model: nn.Module, out: Path, config: TrainConfig, data: DataSplits, spec: ModelInput, *,
@@ -48,7 +41,7 @@ def export_run(model: nn.Module, out: Path, config: TrainConfig, data: DataSplit
     per-epoch `history` and what the run depended on."""
     import timm
 
-    save_model(model, out, config, data.classes, spec)
+    save_model(model, out, config, data, spec)
     write_json(out / RESULTS_FILE, dict(
         metrics=metrics, history=history, config=config.to_dict(),
         recipe=dict(optimizer='Adam', effective_lr=config.effective_lr,
