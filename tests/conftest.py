@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,3 +20,18 @@ def hub_offline(monkeypatch):
 
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+
+
+@pytest.fixture
+def fashion_mnist():
+    """The Fashion-MNIST folder (Debian's dataset-fashion-mnist). Missing: the test is skipped on a
+    developer's machine, but fails in CI (``CI=true``), where .ci/run installs it."""
+    from timm_bcos.data import FASHION_MNIST_DIR
+
+    folder = Path(os.environ.get('TIMM_BCOS_FASHION_MNIST') or FASHION_MNIST_DIR)
+    if not (folder / 't10k-labels-idx1-ubyte.gz').exists():
+        message = f'Fashion-MNIST not installed ({folder}): apt-get install dataset-fashion-mnist'
+        if os.environ.get('CI', '').lower() in ('1', 'true', 'yes'):
+            pytest.fail(message + ' (required in CI)')
+        pytest.skip(message)
+    return folder

@@ -8,11 +8,9 @@ import timm
 import torch
 
 import timm_bcos
-from timm_bcos.data import FASHION_MNIST_DIR
 
 NAME = 'bcos_simple_cifar_tiny.fashion_mnist'
 ROOT = Path(__file__).resolve().parents[2]
-HAS_FASHION = (Path(FASHION_MNIST_DIR) / 't10k-labels-idx1-ubyte.gz').exists()
 
 
 @pytest.fixture(scope='module')
@@ -43,8 +41,7 @@ def test_shipped_images_are_explained_correctly(model):
     assert correct >= 14, list(zip(names, slug))
 
 
-@pytest.mark.skipif(not HAS_FASHION, reason='Fashion-MNIST absent (apt-get install dataset-fashion-mnist)')
-def test_shipped_model_reaches_90_percent_on_the_test_set(model):
+def test_shipped_model_reaches_90_percent_on_the_test_set(model, fashion_mnist):
     from timm_bcos.data import load_fashion_mnist
 
     _, _, x, y = load_fashion_mnist(32)

@@ -162,12 +162,7 @@ def test_image_folder_training(tmp_path):
     assert config['label_names'] == ['cat', 'dog'] and config['num_classes'] == 2
 
 
-FASHION = Path(os.environ.get('TIMM_BCOS_FASHION_MNIST') or timm_bcos.data.FASHION_MNIST_DIR)
-
-
-@pytest.mark.skipif(not (FASHION / 't10k-labels-idx1-ubyte.gz').exists(),
-                    reason=f'Fashion-MNIST not installed ({FASHION}): apt-get install dataset-fashion-mnist')
-def test_fashion_mnist_loader():
+def test_fashion_mnist_loader(fashion_mnist):
     x_train, y_train, x_test, y_test = load_fashion_mnist(32)
     assert x_train.shape == (60000, 1, 32, 32) and x_test.shape == (10000, 1, 32, 32)
     assert x_train.dtype == torch.uint8 and int(x_train.max()) == 255

@@ -99,12 +99,6 @@ def _explanation(model, x, idx, explain_mode):
     return x.grad, out.gather(1, idx).squeeze(1).detach()
 
 
-def _skip_others(pair):
-    if pair['name'] in DEEP:
-        pytest.skip('deeper variant of a tested family: covered by test_same_logits and '
-                    'test_every_key_used_in_the_same_place')
-
-
 # --- the configuration table -------------------------------------------------------------------
 
 def test_v2_archs_table_matches_the_reference_package():
@@ -154,8 +148,9 @@ def test_same_logit_bias(pair):
     assert not _logits(pair['ours'], zero).any() and not _logits(pair['ref'], zero).any()  # bias stripped
 
 
+# Deeper variants of a tested family are covered by test_same_logits and test_every_key_used_in_the_same_place.
+@pytest.mark.parametrize('pair', [n for n in MAIN + OTHERS if n not in DEEP], indirect=True)
 def test_same_explanations(pair):
-    _skip_others(pair)
     ref, ours, name = pair['ref'], pair['ours'], pair['name']
     x, idx = _input(name, seed=3), torch.tensor([[3], [817]])
     w_theirs, y_theirs = _explanation(ref, x, idx, lambda m: m.explanation_mode())
@@ -204,8 +199,8 @@ def _key_mapping(sd, ours):
     return mapping
 
 
+@pytest.mark.parametrize('pair', [n for n in MAIN + OTHERS if n not in DEEP], indirect=True)
 def test_perturbing_their_tensor_changes_ours(pair):
-    _skip_others(pair)
     ref, ours, sd, name = pair['ref'], pair['ours'], pair['sd'], pair['name']
     used = [k for k in sd if not k.endswith(UNUSED)]
     if name == 'resnet18':
@@ -350,10 +345,9 @@ def test_vgg_needs_the_v2_head():
         prepare_vgg_head(timm.create_model('resnet18'))
 
 
+@pytest.mark.parametrize('pair', ['vgg11_bnu'], indirect=True)
 def test_vgg_plain_timm_head_differs(pair):
     """The same weights in timm's own head layout (fc1 without padding, maps upsampled to 7x7)."""
-    if pair['name'] != 'vgg11_bnu':
-        pytest.skip('VGG only')
     ours, ref, x = pair['ours'], pair['ref'], _input('vgg11_bnu')
     theirs = _logits(ref, x)
     mlp = ours.pre_logits
