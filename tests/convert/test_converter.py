@@ -259,3 +259,33 @@ def test_coverage(name):
     assert result.converted, result.reason
     assert not result.leftovers
     assert result.error is not None and result.error < 1e-10, result
+
+
+@pytest.mark.parametrize('make', [lambda: timm.create_model('resnet18', num_classes=10),
+                                  lambda: nn.Sequential(nn.Conv2d(3, 4, 3), InlineReLU(), nn.AdaptiveAvgPool2d(1),
+                                                        nn.Flatten(), nn.Linear(4, 5))],
+                         ids=['timm_resnet18', 'rewritten_forward'])
+def test_converted_models_pickle_and_deepcopy(make, tmp_path):
+    """The generated Bcos<Class> and the fx-rewritten forwards survive torch.save/load, pickle and deepcopy."""
+    import copy
+    import pickle
+
+    from timm_bcos.convert.rewrite import RewrittenForward
+
+    torch.manual_seed(0)
+    model = convert_to_bcos(make()).eval()
+    rewritten = [m for m in model.modules() if any(isinstance(v, RewrittenForward) for v in vars(m).values())]
+    assert len(rewritten) == (1 if isinstance(model, nn.Sequential) else 0)
+    x = _x(dtype=torch.float32)
+    torch.save(model, tmp_path / 'model.pt')
+    copies = [torch.load(tmp_path / 'model.pt', weights_only=False), pickle.loads(pickle.dumps(model)),
+              copy.deepcopy(model)]
+    with torch.no_grad():
+        reference = model(x)
+    for other in copies:
+        assert type(other) is type(model) and isinstance(other, timm_bcos.convert.BcosModelMixin)
+        with torch.no_grad():
+            assert torch.equal(other.eval()(x), reference)
+        assert torch.equal(other.explain(x).weights, model.explain(x).weights)
+        other.train()  # the rewritten forwards follow the copy's own mode
+        assert all(m.training for m in other.modules())

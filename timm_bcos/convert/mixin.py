@@ -10,7 +10,7 @@ from ..explain import Explanation, check_dynamic_linearity, explain
 from ..layers import explanation_mode
 from .heads import reconvert_classifier
 
-__all__ = ['BcosModelMixin', 'attach_bcos_mixin']
+__all__ = ['BcosModelMixin', 'attach_bcos_mixin', 'bcos_class']
 
 _CLASSES: Dict[type, type] = {}
 
@@ -40,13 +40,31 @@ class BcosModelMixin:
         self.bcos_cfg['logit_bias'] = reconvert_classifier(self, self.bcos_cfg)
 
 
+def bcos_class(cls: type) -> type:
+    """The class of a converted `cls` model: ``Bcos<Class>(BcosModelMixin, cls)``, made once per class.
+
+    It is made at run time, so pickle cannot find it by name: its instances pickle (and deep-copy)
+    as "the B-cos class of `cls`" (`_new_converted`), which unpickling makes again.
+    """
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f'Bcos{cls.__name__}', (BcosModelMixin, cls),
+                             {'__module__': cls.__module__, '__reduce_ex__': _reduce_converted})
+    return _CLASSES[cls]
+
+
+def _reduce_converted(self, protocol: int):
+    return _new_converted, (type(self).__bases__[1],), self.__getstate__()
+
+
+def _new_converted(cls: type) -> nn.Module:
+    converted = bcos_class(cls)
+    return converted.__new__(converted)
+
+
 def attach_bcos_mixin(model: nn.Module, bcos_cfg: Dict[str, Any]) -> nn.Module:
     """Give `model` the `BcosModelMixin` methods (its class becomes a cached ``Bcos<Class>``)."""
-    cls = type(model)
     if not isinstance(model, BcosModelMixin):
-        if cls not in _CLASSES:
-            _CLASSES[cls] = type(f'Bcos{cls.__name__}', (BcosModelMixin, cls), {'__module__': cls.__module__})
-        model.__class__ = _CLASSES[cls]
+        model.__class__ = bcos_class(type(model))
     model.bcos_cfg = dict(bcos_cfg)
     cfg = getattr(model, 'pretrained_cfg', None)
     if isinstance(cfg, dict):

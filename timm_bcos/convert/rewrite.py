@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import operator
-import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
@@ -25,7 +24,7 @@ from ..layers import DynamicGate
 from .rules import (LINEAR_UPSAMPLE_MODES, TIMM_ACTIVATION_MODULES, TRUSTED_FORWARDS, ConversionContext,
                     UnsupportedModuleError, find_rule, is_activation, pair)
 
-__all__ = ['analyse_and_rewrite', 'convert_tree']
+__all__ = ['RewrittenForward', 'analyse_and_rewrite', 'convert_tree']
 
 
 def _timm_functions(*names: str) -> Tuple[Callable, ...]:
@@ -76,9 +75,13 @@ _SHAPE_ONLY = {'view', 'reshape', 'flatten', 'unflatten', 'expand', 'expand_as',
 
 
 class _Tracer(fx.Tracer):
-    """Trace one module's own forward: every submodule is a leaf (converted by the module rules)."""
+    """Trace one module's own forward: every submodule is a leaf (converted by the module rules).
 
-    def __init__(self, root: nn.Module) -> None:
+    `root` is optional because fx re-creates the tracer without arguments when it unpickles a
+    rewritten forward's graph (every module is then a leaf).
+    """
+
+    def __init__(self, root: Optional[nn.Module] = None) -> None:
         from timm.layers import get_notrace_functions
         autowrap = tuple(f for f in get_notrace_functions() if callable(f)) + _timm_functions(
             *_TIMM_ACTIVATION_FUNCTIONS)
@@ -347,7 +350,7 @@ def analyse_and_rewrite(module: nn.Module, path: str, ctx: ConversionContext, me
         ctx.unsupported(path, f'{type(module).__name__}.{method}', 'inline activations or max-pools in a forward '
                         f'with optional arguments ({", ".join(sorted(specialised))}) cannot be rewritten')
         return
-    forwards = {}
+    rewritten = {}
     for mode, graph in graphs.items():
         gate_names = {}
         for i, node in enumerate(plans[mode].gate_functions):
@@ -357,8 +360,8 @@ def analyse_and_rewrite(module: nn.Module, path: str, ctx: ConversionContext, me
                                                   _method_as_function(node.target)))
             gate_names[node] = name
         _rewrite(module, graph, plans[mode], gate_names)
-        forwards[mode] = type(fx.GraphModule(module, graph)).forward
-    _bind_forward(module, method, forwards[True], forwards[False], ctx)
+        rewritten[mode] = fx.GraphModule(module, graph)
+    ctx.set(module, method, RewrittenForward(module, rewritten[True], rewritten[False]))
 
 
 def _method_as_function(name: str) -> Callable:
@@ -368,12 +371,21 @@ def _method_as_function(name: str) -> Callable:
     return fn
 
 
-def _bind_forward(module: nn.Module, method: str, train_forward: Callable, eval_forward: Callable,
-                  ctx: ConversionContext) -> None:
-    """Replace the instance's method by the rewritten graphs (traced in train and eval mode)."""
-    def forward(self, *args, **kwargs):
-        return (train_forward if self.training else eval_forward)(self, *args, **kwargs)
-    ctx.set(module, method, types.MethodType(forward, module))
+class RewrittenForward:
+    """A module's rewritten method (an instance attribute in place of its class's ``forward``,
+    ``forward_features``, ...): the graphs traced in train and eval mode, run on the module itself.
+
+    The graphs are fx GraphModules holding the module's own children, so the model pickles and
+    deep-copies like any other (fx regenerates their code when unpickled).
+    """
+
+    def __init__(self, module: nn.Module, train_graph: fx.GraphModule, eval_graph: fx.GraphModule) -> None:
+        self.module = module
+        self.graphs = (train_graph, eval_graph)
+
+    def __call__(self, *args, **kwargs):
+        graph = self.graphs[0] if self.module.training else self.graphs[1]
+        return type(graph).forward(self.module, *args, **kwargs)
 
 
 # --- the tree walk: pass 1 on custom modules, pass 2 on leaves -------------------------------------
