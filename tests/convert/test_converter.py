@@ -289,3 +289,29 @@ def test_converted_models_pickle_and_deepcopy(make, tmp_path):
         assert torch.equal(other.explain(x).weights, model.explain(x).weights)
         other.train()  # the rewritten forwards follow the copy's own mode
         assert all(m.training for m in other.modules())
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        t = self.conv(x).flatten(2).transpose(1, 2)
+        t, _ = self.attn(t, t, t)
+        return self.head(t.mean(1))
+
+
+def test_non_strict_keeps_an_unsupported_module_whole():
+    """nn.MultiheadAttention uses its out_proj's weight directly: converting that child alone broke
+    the first forward ("BcosClassifier expects 8 input channels"); the module is now left whole."""
+    with pytest.warns(UserWarning, match="at 'attn'"):
+        model = convert_to_bcos(Attention(), strict=False)
+    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert isinstance(model.conv, BcosConv2d) and isinstance(model.head, BcosClassifier)
+    x = torch.rand(2, 3, 8, 8)
+    assert model(timm_bcos.add_inverse(x)).shape == (2, 5)
+    with pytest.warns(UserWarning, match='not an exact explanation'):
+        assert not model.explain(x).exact

@@ -402,8 +402,13 @@ def convert_tree(module: nn.Module, prefix: str, ctx: ConversionContext) -> nn.M
     qualname = f'{type(module).__module__}.{type(module).__qualname__}'
     if not isinstance(module, (nn.ModuleList, nn.ModuleDict)) and qualname not in TRUSTED_FORWARDS:
         methods = [m for m in ('forward_features', 'forward_head') if not prefix and hasattr(module, m)]
+        found = len(ctx.skipped)
         for method in methods or ['forward']:
             analyse_and_rewrite(module, prefix, ctx, method)
+        if prefix and len(ctx.skipped) > found:
+            # strict=False left this module's own forward as it is: it may use its children's weights
+            # directly (nn.MultiheadAttention does), so they stay as they are too
+            return module
     for name, child in list(module.named_children()):
         path = f'{prefix}.{name}' if prefix else name
         new = convert_tree(child, path, ctx)
