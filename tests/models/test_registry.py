@@ -245,3 +245,53 @@ def test_load_model_with_a_checkpoint_uses_the_names_class_count(tmp_path):
     x = _x()
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))
+
+
+# --- timm's model API on every registered name ------------------------------------------------
+
+ALL_NAMES = sorted(timm.list_models('bcos*') + timm.list_models('baseline*'))
+HEAVY_NAMES = {'bcos_vgg11', 'bcosv2_vgg11_bnu', 'bcos_densenet161', 'bcosv2_densenet161', 'bcosv2_densenet201',
+               'bcosv2_resnet152'}
+
+
+def _images(name, size=96):
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return x if name.startswith('baseline') else timm_bcos.add_inverse(x)
+
+
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY_NAMES else n
+                                  for n in ALL_NAMES])
+def test_features_only_on_every_registered_name(name):
+    model = timm.create_model(name, features_only=True).eval()
+    with torch.no_grad():
+        features = model(_images(name))
+    info = model.feature_info
+    assert [f.shape[1] for f in features] == info.channels() and len(features) >= 3
+    assert [96 // f.shape[-1] for f in features] == [max(1, r) for r in info.reduction()] or 'inception' in name
+    last = timm.create_model(name, features_only=True, out_indices=(len(info) - 1,)).eval()
+    with torch.no_grad():
+        assert [f.shape for f in last(_images(name))] == [features[-1].shape]
+
+
+@pytest.mark.parametrize('name', ['bcos_simple_cifar_tiny', 'baseline_simple_cifar_tiny'])
+def test_simple_nets_have_timms_model_api(name):
+    from timm.optim import param_groups_layer_decay
+
+    torch.manual_seed(0)
+    model = timm.create_model(name).train()
+    x = _images(name, 32)
+    final, intermediates = model.forward_intermediates(x)
+    assert torch.equal(final, model.forward_features(x)) and len(intermediates) == len(model.feature_info)
+    assert [t.shape[1] for t in intermediates] == [f['num_chs'] for f in model.feature_info]
+    assert len(model.forward_intermediates(x, indices=1, intermediates_only=True)) == 1
+    groups = param_groups_layer_decay(model, layer_decay=0.5)
+    assert len({g['lr_scale'] for g in groups}) > 2  # the layers got their own lr scales from group_matcher
+    outputs = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        out = model(x)
+        out.sum().backward()
+        outputs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.allclose(outputs[0][0], outputs[1][0]) and all(
+        torch.allclose(a, b, atol=1e-6) for a, b in zip(outputs[0][1], outputs[1][1]))

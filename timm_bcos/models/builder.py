@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -60,6 +60,26 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
     return state_dict
 
 
+def _features(model: nn.Module, out_indices: Optional[Sequence[int]], feature_cfg: Dict[str, Any]) -> nn.Module:
+    """timm's `FeatureListNet` over the model's ``feature_info``, by default every feature level. Its
+    Sequential children are flattened when a feature level lies inside one (``features.denseblock1``,
+    ``blocks.0``), as timm's own entrypoints ask for those architectures."""
+    from timm.models import FeatureListNet
+
+    if not hasattr(model, 'feature_info'):
+        raise ValueError(f'{type(model).__name__} has no feature_info: features_only is not supported')
+    modules = [info['module'] for info in model.feature_info]
+    cfg = dict(flatten_sequential=any('.' in m for m in modules), **feature_cfg)
+    if getattr(model, 'output_fmt', None) is not None:
+        cfg.setdefault('output_fmt', model.output_fmt)
+    indices = tuple(range(len(model.feature_info))) if out_indices is None else tuple(out_indices)
+    features = FeatureListNet(model, out_indices=indices, **cfg)
+    pretrained_cfg = {k: v for k, v in (getattr(model, 'pretrained_cfg', None) or {}).items()
+                      if k not in ('num_classes', 'classifier', 'label_names', 'pool_size')}
+    features.pretrained_cfg = features.default_cfg = pretrained_cfg
+    return features
+
+
 def _mismatch_hint(state_dict: Dict[str, torch.Tensor], model: nn.Module, head: str) -> str:
     """What to change to fit the checkpoint: its class count and its MaxOut (read off the first B-cos
     layer below the head: ``weight`` rows = outputs x MaxOut)."""
@@ -95,8 +115,14 @@ def build_bcos_model(
         pretrained_filter_fn: Optional[Callable] = None,
         **kwargs,
 ) -> nn.Module:
-    """timm's `build_model_with_cfg`, with every loaded state dict checked and clear load errors."""
+    """timm's `build_model_with_cfg`, with every loaded state dict checked and clear load errors;
+    ``features_only=True`` (with ``out_indices``) gives the feature extractor of the model (`_features`)."""
     from timm.models import build_model_with_cfg
+
+    features = {k: kwargs.pop(k) for k in ('features_only', 'out_indices', 'feature_cfg') if k in kwargs}
+    if features.pop('features_only', False):
+        model = build_bcos_model(builder, variant, pretrained, pretrained_filter_fn, **kwargs)
+        return _features(model, features.get('out_indices'), features.get('feature_cfg') or {})
 
     def filter_fn(state_dict, model):
         if pretrained_filter_fn is not None:

@@ -3,8 +3,9 @@ conventional counterpart (the baseline of training and evaluation), with timm's 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
 from ..convert.mixin import BcosModelMixin
@@ -27,10 +28,15 @@ class ConvHeadNet(nn.Module):
             raise ValueError(f'widths ({len(widths)}) and strides ({len(strides)}) must have the same length')
         self.num_classes = num_classes
         self.in_chans = in_chans
-        layers, c = [], in_chans
-        for w, s in zip(widths, strides):
-            layers += self._make_layer(c, w, s)
-            c = w
+        self.grad_checkpointing = False
+        layers, c, reduction, self.feature_info = [], in_chans, 1, []
+        for i, (w, s) in enumerate(zip(widths, strides)):
+            layer = self._make_layer(c, w, s)
+            layers += layer
+            self._layer_size = len(layer)  # modules per layer: checkpointed together
+            c, reduction = w, reduction * s
+            if i + 1 == len(widths) or strides[i + 1] != 1:  # the last layer at each resolution
+                self.feature_info.append(dict(num_chs=w, reduction=reduction, module=f'features.{len(layers) - 1}'))
         self.features = nn.Sequential(*layers)
         self.num_features = c
         self.classifier = self._make_classifier(num_classes)
@@ -48,12 +54,42 @@ class ConvHeadNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's parameter groups (layer-wise lr decay): the first layer is the stem, each layer a block."""
+        return dict(stem=r'^features\.0\.', blocks=r'^features\.(\d+)' if coarse else [(r'^features\.(\d+)', None)])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the features in the backward pass instead of storing them (timm's API)."""
+        self.grad_checkpointing = enable
+
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False
+                              ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        """timm's API: the outputs of the `feature_info` levels `indices` (default all; an int n: the
+        last n), and the final features unless `intermediates_only`."""
+        from timm.models._features import feature_take_indices
+
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take, _ = feature_take_indices(len(self.feature_info), indices)
+        ends = [int(f['module'].split('.')[1]) for f in self.feature_info]
+        last = ends[max(take)] if stop_early else len(self.features) - 1
+        intermediates = []
+        for i, layer in enumerate(self.features[:last + 1]):
+            x = layer(x)
+            if i in ends and ends.index(i) in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """A new 1x1 classifier (0: none, the pooled features are returned)."""
         self.num_classes = num_classes
         self.classifier = self._make_classifier(num_classes)
 
     def forward_features(self, x: Tensor) -> Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            from timm.models import checkpoint_seq
+            return checkpoint_seq(self.features, x, every=self._layer_size)
         return self.features(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
