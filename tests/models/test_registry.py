@@ -295,3 +295,28 @@ def test_simple_nets_have_timms_model_api(name):
         outputs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
     assert torch.allclose(outputs[0][0], outputs[1][0]) and all(
         torch.allclose(a, b, atol=1e-6) for a, b in zip(outputs[0][1], outputs[1][1]))
+
+
+# timm's own VGG and Inception-v3 have no gradient checkpointing either
+NO_CHECKPOINTING = {'bcos_vgg11', 'bcosv2_vgg11_bnu', 'bcos_inception_v3'}
+
+
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY_NAMES else n
+                                  for n in ALL_NAMES])
+def test_intermediates_groups_and_checkpointing_on_every_registered_name(name):
+    model = timm.create_model(name).eval()
+    x = _images(name)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        assert torch.allclose(final, model.forward_features(x), rtol=1e-5, atol=1e-7)
+    assert len(intermediates) >= 3
+    groups = timm.models.group_parameters(model, model.group_matcher())  # as timm's layer-wise lr decay uses it
+    assert len(groups) >= 3 and sum(len(g) for g in groups.values()) == len(list(model.parameters()))
+    if name in NO_CHECKPOINTING:
+        with pytest.raises(AssertionError, match='not supported'):
+            model.set_grad_checkpointing(True)
+        return
+    with torch.no_grad():
+        plain = model(x)
+        model.set_grad_checkpointing(True)
+        assert torch.allclose(model(x), plain, rtol=1e-5, atol=1e-7)
