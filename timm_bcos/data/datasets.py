@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -111,6 +112,15 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def _read(self, i: int):
+        for j in range(len(self.samples)):
+            path, label = self.samples[(i + j) % len(self.samples)]
+            try:
+                return open_image(path), label
+            except ValueError as e:  # unreadable (a missing file is an error)
+                warnings.warn(f'{e}: skipped; sample {i} is the next readable image', stacklevel=3)
+        raise ValueError(f'none of the {len(self.samples)} images of this dataset can be read')
+
     def __getitem__(self, key: Key) -> Tuple[Tensor, int]:
         i, seed = _split_key(key)
         x = self.images[i]
@@ -144,10 +154,12 @@ def _find_images(folder: Path) -> Tuple[List[str], List[Tuple[str, int]]]:
 
 
 class ImageFolderDataset(Dataset):
-    """``root/<class>/**/<image>`` read with PIL (RGB) and a torchvision-style `transform`.
+    """``root/<class>/**/<image>`` read with `open_image` (RGB) and a torchvision-style `transform`.
 
     A key with a seed (training) runs the transform under ``random``/``numpy``/``torch`` seeded by
-    it, restoring the global random states afterwards, so augmentations are reproducible.
+    it, restoring the global random states afterwards, so augmentations are reproducible. A file
+    that cannot be read (corrupt, truncated) is skipped with a warning naming it: its sample is the
+    next readable image, and training goes on.
     """
 
     def __init__(self, samples: Sequence[Tuple[str, int]], classes: Sequence[str],
@@ -164,10 +176,18 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _read(self, i: int):
+        for j in range(len(self.samples)):
+            path, label = self.samples[(i + j) % len(self.samples)]
+            try:
+                return open_image(path), label
+            except ValueError as e:  # unreadable (a missing file is an error)
+                warnings.warn(f'{e}: skipped; sample {i} is the next readable image', stacklevel=3)
+        raise ValueError(f'none of the {len(self.samples)} images of this dataset can be read')
+
     def __getitem__(self, key: Key) -> Tuple[Tensor, int]:
         i, seed = _split_key(key)
-        path, label = self.samples[i]
-        img = open_image(path)  # a corrupt file is named in the error
+        img, label = self._read(i)
         if self.transform is None:
             return img, label
         if seed is None:
