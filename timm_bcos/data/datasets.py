@@ -112,15 +112,6 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def _read(self, i: int):
-        for j in range(len(self.samples)):
-            path, label = self.samples[(i + j) % len(self.samples)]
-            try:
-                return open_image(path), label
-            except ValueError as e:  # unreadable (a missing file is an error)
-                warnings.warn(f'{e}: skipped; sample {i} is the next readable image', stacklevel=3)
-        raise ValueError(f'none of the {len(self.samples)} images of this dataset can be read')
-
     def __getitem__(self, key: Key) -> Tuple[Tensor, int]:
         i, seed = _split_key(key)
         x = self.images[i]
