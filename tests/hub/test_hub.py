@@ -160,3 +160,18 @@ def test_bad_repo_id_is_refused_before_anything_is_written(model, tmp_path, repo
     with pytest.raises(ValueError, match='repo_id must be ORG/NAME'):
         publish(model, repo_id, dry_run=True, out_dir=str(tmp_path / 'out'))
     assert not (tmp_path / 'out').exists()
+
+
+def test_cli_publish_takes_the_token(model, images, tmp_path, monkeypatch):
+    """The README's `timm-bcos publish ... --token`: the token reaches the Hub."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.delenv('HF_TOKEN', raising=False)
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf_home'))  # no saved login
+    timm.models.save_for_hf(model, str(tmp_path / 'run'), safe_serialization=True)
+    with HubDouble(owner='testorg') as hub:
+        monkeypatch.setattr(constants, 'ENDPOINT', hub.url)
+        cli(['publish', str(tmp_path / 'run'), '--repo-id', 'testorg/from-cli', '--token', 'hf_test', '--image',
+             images[0], '--out', str(tmp_path / 'card')])
+        assert 'README.md' in hub.repos['testorg/from-cli']['files']
