@@ -102,17 +102,22 @@ class OutputFolder:
             return []
         return sorted(e for e in os.listdir(self.root) if e != OWNER_FILE and e not in self.files)
 
-    def path(self, name: str) -> Path:
-        """The path to write `name` (a file or folder directly in the folder) to; refused if a file of
-        that name exists that the library did not write. The name is recorded first."""
-        target = self.root / name
-        if os.path.lexists(target) and name not in self.files:
-            raise OutputFolderError(f'{target} exists and was not written by timm-bcos {self.kind}: not replacing '
-                                    f'it; move it away or choose another folder')
-        if name not in self.files or not (self.root / OWNER_FILE).exists():
-            self.files.add(name)
+    def claim(self, names: Iterable[str]) -> None:
+        """Record `names` (files or folders directly in the folder) as the library's, before writing
+        them; refused if one exists that the library did not write. One write of `OWNER_FILE`."""
+        new = [n for n in dict.fromkeys(names) if n not in self.files]
+        taken = [n for n in new if os.path.lexists(self.root / n)]
+        if taken:
+            raise OutputFolderError(f'{self.root / taken[0]} exists and was not written by timm-bcos {self.kind}: '
+                                    f'not replacing it; move it away or choose another folder')
+        if new or not (self.root / OWNER_FILE).exists():
+            self.files.update(new)
             write_json(self.root / OWNER_FILE, dict(kind=self.kind, files=sorted(self.files)))
-        return target
+
+    def path(self, name: str) -> Path:
+        """The path to write `name` to, claimed first (`claim`)."""
+        self.claim([name])
+        return self.root / name
 
 
 def _some(names: List[str], limit: int = 5) -> str:

@@ -94,6 +94,7 @@ def explain_images(
     if clash:
         raise OutputFolderError(f'the explanation {folder.root / clash[0]} would replace the input image of that '
                                 f'name: choose another output folder')
+    folder.claim(names + ['results.json'])  # one record of the files to come
     results = []
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start:start + batch_size])

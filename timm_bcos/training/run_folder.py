@@ -82,8 +82,7 @@ def prepare_output(accelerator: Accelerator, config: TrainConfig, out: Path) -> 
     accelerator.wait_for_everyone()
     lock = None
     if accelerator.is_main_process:
-        for name in RUN_FILES:  # recorded as the run's own; refused if a file of that name is the user's
-            folder.path(name)
+        folder.claim(RUN_FILES)  # recorded as the run's own; refused if a file of that name is the user's
         lock = RunLock(out / LOCK_FILE)
         try:
             if config.resume:
