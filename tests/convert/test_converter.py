@@ -315,3 +315,35 @@ def test_non_strict_keeps_an_unsupported_module_whole():
     assert model(timm_bcos.add_inverse(x)).shape == (2, 5)
     with pytest.warns(UserWarning, match='not an exact explanation'):
         assert not model.explain(x).exact
+
+
+class SoftmaxGates(nn.Module):
+    """Gates that take more than their input: softmax over a dim (function and method), a method sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gate = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = x * F.softmax(self.gate(x), dim=1)
+        x = x * self.gate(x).softmax(dim=-1)
+        return x * self.gate(x).mean((2, 3), keepdim=True).sigmoid()
+
+
+def test_gates_keep_their_arguments_and_work_right_after_conversion(tmp_path):
+    """The rebuilt softmax gate dropped its dim (botnet26t, levit crashed on the first forward)."""
+    import pickle
+
+    model = convert_to_bcos(nn.Sequential(SoftmaxGates(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)))
+    gates = [m for m in model.modules() if isinstance(m, DynamicGate)]
+    assert len(gates) == 3
+    x = _x(dtype=torch.float32).requires_grad_()
+    model(x).sum().backward()  # a forward and a backward right after conversion
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert model.double().check_dynamic_linearity(_x()) < 1e-10
+    copy = pickle.loads(pickle.dumps(model))  # method gates pickle too
+    x = _x()
+    with torch.no_grad():
+        assert torch.equal(copy(x), model(x))

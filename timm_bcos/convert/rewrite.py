@@ -294,7 +294,7 @@ def _rewrite(module: nn.Module, graph: fx.Graph, plan: _Plan, gate_names: Dict[f
     for node in plan.gate_functions:
         name = gate_names[node]
         with graph.inserting_before(node):
-            new = graph.call_module(name, (node.args[0],))
+            new = graph.call_module(name, node.args, node.kwargs)  # softmax(x, dim) keeps its dim
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     for node in plan.pools:
@@ -357,18 +357,21 @@ def analyse_and_rewrite(module: nn.Module, path: str, ctx: ConversionContext, me
             name = f'bcos_gate_{i}'
             if not hasattr(module, name):
                 ctx.set(module, name, DynamicGate(node.target if node.op == 'call_function' else
-                                                  _method_as_function(node.target)))
+                                                  _MethodCall(node.target)))
             gate_names[node] = name
         _rewrite(module, graph, plans[mode], gate_names)
         rewritten[mode] = fx.GraphModule(module, graph)
     ctx.set(module, method, RewrittenForward(module, rewritten[True], rewritten[False]))
 
 
-def _method_as_function(name: str) -> Callable:
-    def fn(x):
-        return getattr(x, name.rstrip('_'))()
-    fn.__name__ = name.rstrip('_')
-    return fn
+class _MethodCall:
+    """``x.<name>(*args, **kwargs)`` as a function of x (out of place), for a `DynamicGate`; picklable."""
+
+    def __init__(self, name: str) -> None:
+        self.__name__ = name.rstrip('_')
+
+    def __call__(self, x, *args, **kwargs):
+        return getattr(x, self.__name__)(*args, **kwargs)
 
 
 class RewrittenForward:

@@ -26,8 +26,9 @@ class DynamicGate(DetachableModule):
         else:
             self.gate_fn = gate
 
-    def forward(self, x: Tensor) -> Tensor:
-        g = self.gate(x) if hasattr(self, 'gate') else self.gate_fn(x)
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """The gate's value; further arguments (a softmax's ``dim``) go to the gate as they were."""
+        g = self.gate(x, *args, **kwargs) if hasattr(self, 'gate') else self.gate_fn(x, *args, **kwargs)
         return g.detach() if self.detach_dynamic else g
 
     def extra_repr(self) -> str:
