@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, List, Optional, Union
 
-__all__ = ['ASSETS', 'OWNER_FILE', 'OutputFolder', 'OutputFolderError', 'hub_offline', 'package_version', 'save_figure',
-           'url_cache_dir', 'write_atomic', 'write_json']
+__all__ = ['ASSETS', 'OWNER_FILE', 'OutputFolder', 'OutputFolderError', 'hub_offline', 'package_version',
+           'remove_owned', 'save_figure', 'url_cache_dir', 'write_atomic', 'write_json']
 
 PathLike = Union[str, os.PathLike]
 
@@ -118,6 +119,26 @@ class OutputFolder:
         """The path to write `name` to, claimed first (`claim`)."""
         self.claim([name])
         return self.root / name
+
+
+def remove_owned(path: PathLike) -> None:
+    """Delete the file or folder `path` if it exists, which the library must have created: its name
+    is listed in the `OWNER_FILE` of the folder it is in (else `OutputFolderError`, nothing deleted).
+    Every deletion in the library goes through here, except its own fresh temporary folders."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    try:
+        owner = json.loads((path.parent / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        owner = {}
+    if not isinstance(owner, dict) or path.name not in owner.get('files', ()):
+        raise OutputFolderError(f'{path} was not written by timm-bcos (not listed in {path.parent / OWNER_FILE}): '
+                                f'not deleting it')
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def _some(names: List[str], limit: int = 5) -> str:

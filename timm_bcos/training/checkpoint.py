@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
-from .._utils import write_atomic, write_json
+from .._utils import remove_owned, write_atomic, write_json
 from .config import RESUME_FREE, TrainConfig
 
 if TYPE_CHECKING:
@@ -47,7 +46,7 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: Dict[str, Any]) 
     trainer_state.json, fsync, and `atomic_replace` onto ``checkpoint`` (main process)."""
     tmp = out / (CHECKPOINT + '.tmp')
     if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+        remove_owned(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
@@ -64,13 +63,13 @@ def atomic_replace(src: Path, dst: Path) -> None:
     (`recover_checkpoint` picks ``dst.old`` up after a crash between the renames)."""
     old = dst.with_name(dst.name + '.old')
     if old.exists():
-        shutil.rmtree(old)
+        remove_owned(old)
     if dst.exists():
         os.replace(dst, old)
     os.replace(src, dst)
     _fsync_dir(dst.parent)
     if old.exists():
-        shutil.rmtree(old)
+        remove_owned(old)
 
 
 def recover_checkpoint(out: Path) -> None:
@@ -78,10 +77,10 @@ def recover_checkpoint(out: Path) -> None:
     if a crash came between the two renames of `atomic_replace`."""
     ckpt, tmp, old = out / CHECKPOINT, out / (CHECKPOINT + '.tmp'), out / (CHECKPOINT + '.old')
     if tmp.exists():
-        shutil.rmtree(tmp)
+        remove_owned(tmp)
     if old.exists():
         if ckpt.exists():
-            shutil.rmtree(old)
+            remove_owned(old)
         else:
             os.replace(old, ckpt)
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from .._utils import OutputFolder, OutputFolderError
+from .._utils import OutputFolder, OutputFolderError, remove_owned
 from .checkpoint import (CHECKPOINT, METRICS_FILE, RESULTS_FILE, STATE_FILE, WEIGHTS_FILE, check_compatible,
                          read_state, recover_checkpoint)
 from .config import TrainConfig
@@ -107,8 +106,5 @@ def prepare_output(accelerator: Accelerator, config: TrainConfig, out: Path) -> 
 def _clear(out: Path) -> None:
     """Delete the previous run's files (the run's own, see `RUN_FILES`) to start afresh."""
     for name in RUN_FILES:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif name != LOCK_FILE:
-            path.unlink(missing_ok=True)
+        if name != LOCK_FILE:
+            remove_owned(out / name)
