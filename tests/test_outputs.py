@@ -1,7 +1,7 @@
 """The library's file-safety rules (`timm_bcos._utils`): where it writes, and what it may delete."""
 import pytest
 
-from timm_bcos._utils import OutputFolder, OutputFolderError, remove_owned
+from timm_bcos._utils import OutputFolder, OutputFolderError, remove_owned, remove_owned_folder
 
 
 def test_only_listed_files_are_ever_deleted(tmp_path):
@@ -28,3 +28,16 @@ def test_another_commands_folder_is_refused(tmp_path):
     OutputFolder(tmp_path / 'x', 'explain').claim(['a.png'])
     with pytest.raises(OutputFolderError, match='output of timm-bcos explain, not of publish'):
         OutputFolder(tmp_path / 'x', 'publish')
+
+
+def test_a_folder_is_deleted_only_when_it_holds_nothing_but_the_librarys_files(tmp_path):
+    folder = OutputFolder(tmp_path / 'card', 'publish')
+    folder.path('README.md').write_text('card')
+    (folder.root / 'mine.txt').write_text('mine')
+    with pytest.raises(OSError):
+        remove_owned_folder(folder.root)
+    assert sorted(p.name for p in folder.root.iterdir()) == ['mine.txt']  # its own files gone, the user's kept
+    (folder.root / 'mine.txt').unlink()
+    folder.path('README.md').write_text('card')
+    remove_owned_folder(folder.root)
+    assert not folder.root.exists()

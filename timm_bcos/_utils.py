@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, List, Optional, Union
 
 __all__ = ['ASSETS', 'OWNER_FILE', 'OutputFolder', 'OutputFolderError', 'hub_offline', 'package_version',
-           'remove_owned', 'save_figure', 'url_cache_dir', 'write_atomic', 'write_json']
+           'remove_owned', 'remove_owned_folder', 'save_figure', 'url_cache_dir', 'write_atomic', 'write_json']
 
 PathLike = Union[str, os.PathLike]
 
@@ -121,6 +121,16 @@ class OutputFolder:
         return self.root / name
 
 
+def _owned(folder: Path) -> List[str]:
+    """The names `folder`'s `OWNER_FILE` lists (none if it has no readable one)."""
+    try:
+        owner = json.loads((folder / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    files = owner.get('files', []) if isinstance(owner, dict) else []
+    return [f for f in files if isinstance(f, str) and f and '/' not in f and f not in ('.', '..')]
+
+
 def remove_owned(path: PathLike) -> None:
     """Delete the file or folder `path` if it exists, which the library must have created: its name
     is listed in the `OWNER_FILE` of the folder it is in (else `OutputFolderError`, nothing deleted).
@@ -128,17 +138,24 @@ def remove_owned(path: PathLike) -> None:
     path = Path(path)
     if not os.path.lexists(path):
         return
-    try:
-        owner = json.loads((path.parent / OWNER_FILE).read_text())
-    except (OSError, ValueError):
-        owner = {}
-    if not isinstance(owner, dict) or path.name not in owner.get('files', ()):
+    if path.name not in _owned(path.parent):
         raise OutputFolderError(f'{path} was not written by timm-bcos (not listed in {path.parent / OWNER_FILE}): '
                                 f'not deleting it')
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
         path.unlink()
+
+
+def remove_owned_folder(path: PathLike) -> None:
+    """Delete a whole folder the library wrote: every entry its `OWNER_FILE` lists (`remove_owned`),
+    then that file and the folder, which must then be empty (a user's file in it stops the deletion)."""
+    path = Path(path)
+    for name in sorted(_owned(path)):
+        remove_owned(path / name)
+    if (path / OWNER_FILE).exists():
+        (path / OWNER_FILE).unlink()
+    path.rmdir()  # OSError if anything else is left
 
 
 def _some(names: List[str], limit: int = 5) -> str:

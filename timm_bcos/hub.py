@@ -7,17 +7,17 @@ numbers, and an explanation PNG -- then uploads it with ``huggingface_hub`` (or 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
 from torch import nn
 
-from ._utils import ASSETS, OWNER_FILE, OutputFolder, OutputFolderError
+from ._utils import ASSETS, OWNER_FILE, OutputFolder, OutputFolderError, remove_owned_folder
 from .data import example_images
 from .models.export import save_pretrained
 
@@ -175,7 +175,8 @@ def publish(
             _write_repo_folder(OutputFolder(work, 'publish'), model, repo_id, card_metrics, images, weights)
         _replace_folder(work, final)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(OSError):  # never hide the error that got us here
+            remove_owned_folder(work)  # the files written so far into this new temporary folder
         raise
     if dry_run:
         return str(final)
@@ -215,10 +216,10 @@ def _replace_folder(work: Path, final: Path) -> None:
     if not final.exists():
         os.replace(work, final)
         return
-    old = Path(tempfile.mkdtemp(prefix=f'.{final.name}.old-', dir=final.parent))
-    os.replace(final, old / final.name)
+    old = final.with_name(f'.{final.name}.old-{os.getpid()}')
+    os.replace(final, old)
     os.replace(work, final)
-    shutil.rmtree(old)  # publish's own previous output (checked: nothing else was in it)
+    remove_owned_folder(old)  # publish's own previous output: only the files it lists
 
 
 def _upload(folder: str, repo_id: str, *, private: bool, token: Optional[str], endpoint: Optional[str]) -> str:
