@@ -5,7 +5,7 @@ package: layers -> convert -> models / weights -> explain -> training / evaluati
 """
 from . import models  # registers the bcos_* / bcosv2_* names with timm
 from ._utils import OutputFolderError
-from .convert import UnsupportedModuleError, convert_to_bcos, unconverted_modules
+from .convert import UnsupportedModuleError, calibrate_scales, convert_to_bcos, unconverted_modules
 from .data import create_transform, load_images
 from .explain import Explanation, check_dynamic_linearity, explain, explain_images
 from .hub import HubPublishError, publish, pull
@@ -19,7 +19,7 @@ __version__ = '0.1.0'
 
 __all__ = [
     # convert any timm CNN (or your own), and check the result
-    'UnsupportedModuleError', 'convert_to_bcos', 'unconverted_modules',
+    'UnsupportedModuleError', 'calibrate_scales', 'convert_to_bcos', 'unconverted_modules',
     # explain
     'Explanation', 'check_dynamic_linearity', 'explain', 'explain_images', 'explanation_mode', 'is_explanation_mode',
     # layers

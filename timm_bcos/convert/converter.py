@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..layers import BcosConv2d, BcosLinear, DynamicGate
+from .calibrate import calibrate_scales, calibration_state, restore_calibration_state
 from .heads import classifier_path, convert_head, convert_stem, stem_paths
 from .mixin import attach_bcos_mixin
 from .rewrite import convert_tree
@@ -39,6 +40,8 @@ def convert_to_bcos(
         logit_temperature: Optional[float] = None,
         head: str = 'auto',
         strict: bool = True,
+        calibrate: bool = True,
+        calibration_data: Optional[Tensor] = None,
 ) -> nn.Module:
     """Convert a CNN (any timm model or a user's own) into a B-cos network, in place.
 
@@ -56,6 +59,13 @@ def convert_to_bcos(
             before global average pooling (the v1/v2 layout).
         strict: raise `UnsupportedModuleError` for anything that would break dynamic linearity;
             False warns and leaves it.
+        calibrate: set every B-cos layer's output scale so that its output has unit RMS, and the
+            logit temperature (unless `logit_temperature` is given) so that the logits have unit
+            std, on `calibration_data` (`calibrate_scales`): the converted network starts alive
+            whatever its depth and widths. False keeps the fixed scales (v1's factor, or 1 with
+            ``norm='bnu'``), as released v1 / v2 weights need.
+        calibration_data: the model's input for calibration, (N, in_chans, H, W); default seeded
+            noise images at the model's ``pretrained_cfg`` input size (`calibration_batch`).
 
     Returns:
         The same model object, converted, with the `BcosModelMixin` methods (explanation_mode,
@@ -79,14 +89,18 @@ def convert_to_bcos(
         raise ValueError(f'{lazy[0]} is not initialised yet (a lazy module): run one forward pass first')
     ctx = ConversionContext.create(b, max_out, norm, strict)
     stems, classifier = stem_paths(model), classifier_path(model)
+    before = calibration_state(model)  # B-cos layers the model had already
     try:
         convert_tree(model, '', ctx)
         convert_stem(model, stems, in_chans, ctx)
         logit_bias = convert_head(model, classifier, ctx, head, logit_bias, logit_temperature)
+        if calibrate:
+            calibrate_scales(model, calibration_data, temperature=logit_temperature is None, in_chans=in_chans)
     except BaseException:
         ctx.undo()  # all or nothing: the model is as it was
+        restore_calibration_state(before)
         raise
     return attach_bcos_mixin(model, dict(
         b=b, max_out=max_out, norm=norm, in_chans=in_chans, logit_bias=logit_bias,
         logit_temperature=logit_temperature, head=head, stem=stems, classifier=classifier,
-        unconverted=list(ctx.skipped)))
+        unconverted=list(ctx.skipped), calibrate=calibrate))

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..explain import Explanation, check_dynamic_linearity, explain
 from ..layers import explanation_mode
+from .calibrate import calibrate_scales
 from .heads import reconvert_classifier
 
 __all__ = ['BcosModelMixin', 'attach_bcos_mixin', 'bcos_class']
@@ -33,11 +34,15 @@ class BcosModelMixin:
         return explain(self, x, target, **kwargs)
 
     def reset_classifier(self, num_classes: int, *args, **kwargs) -> None:
-        """timm's reset_classifier, then the new classifier is converted to B-cos again."""
+        """timm's reset_classifier, then the new classifier is converted to B-cos again (and, for a
+        calibrated model, calibrated: `calibrate_scales` on the new classifier only)."""
         if not hasattr(super(), 'reset_classifier'):
             raise AttributeError(f'{type(self).__name__} has no reset_classifier (not a timm model)')
         super().reset_classifier(num_classes, *args, **kwargs)
         self.bcos_cfg['logit_bias'] = reconvert_classifier(self, self.bcos_cfg)
+        if self.bcos_cfg.get('calibrate') and self.bcos_cfg.get('classifier') and num_classes:
+            calibrate_scales(self, layers=[self.bcos_cfg['classifier']],
+                             temperature=self.bcos_cfg.get('logit_temperature') is None)
 
 
 def bcos_class(cls: type) -> type:

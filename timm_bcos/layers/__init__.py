@@ -1,6 +1,7 @@
 """B-cos layers (paper §3): the B-cos transform, its classifiers, input encoding, explanation mode."""
 from .bcos_conv import BcosConv2d, BcosConv2dSame
 from .bcos_function import from_reference_layout, to_reference_layout
+from .calibration import CalibratedConstant, calibration_keys
 from .bcos_linear import BcosLinear
 from .classifier import BcosClassifier, BcosConvClassifier
 from .encoding import AddInverse, add_inverse
@@ -11,6 +12,7 @@ from .norm import BatchNormUncentered2d, GroupNormUncentered, LayerNorm2dUncente
 
 __all__ = [
     'AddInverse', 'BatchNormUncentered2d', 'BcosClassifier', 'BcosConv2d', 'BcosConv2dSame', 'BcosConvClassifier',
-    'BcosLinear', 'DetachableModule', 'DynamicGate', 'GroupNormUncentered', 'LayerNorm2dUncentered', 'LogitLayer',
-    'add_inverse', 'explanation_mode', 'from_reference_layout', 'is_explanation_mode', 'to_reference_layout',
+    'BcosLinear', 'CalibratedConstant', 'DetachableModule', 'DynamicGate', 'GroupNormUncentered',
+    'LayerNorm2dUncentered', 'LogitLayer', 'add_inverse', 'calibration_keys', 'explanation_mode',
+    'from_reference_layout', 'is_explanation_mode', 'to_reference_layout',
 ]

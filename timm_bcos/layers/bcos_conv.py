@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from .bcos_function import ConvGeometry, bcos_apply
+from .calibration import CalibratedConstant
 from .explain_mode import DetachableModule
 from .helpers import check_b_max_out, check_input, resolve_scale
 
@@ -19,7 +20,7 @@ _PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
 _IntOrPair = Union[int, Tuple[int, int]]
 
 
-class BcosConv2d(DetachableModule):
+class BcosConv2d(CalibratedConstant, DetachableModule):
     """B-cos convolution: MaxOut over `max_out` unit-norm kernels, scaled by ``|cos|^(B-1)``.
 
     ``out = max_m(ŵ_m · p) * |cos(p, ŵ_m*)|^(B-1) / scale`` for every input patch ``p`` (Eq. 9,
@@ -33,6 +34,9 @@ class BcosConv2d(DetachableModule):
             (``k * sqrt(C_in) / 100`` for a square kernel), which norm-free B-cos networks need to
             train at all; ``None`` means 1 (networks with norm layers, the v2 design).
         scale_factor: the divisor in the ``'auto'`` scale.
+
+    `timm_bcos.calibrate_scales` (default in `convert_to_bcos`) may set ``scale`` from data; a
+    calibrated scale is saved in the state dict (`CalibratedConstant`).
 
     ``weight`` has shape (out_channels * max_out, in_channels // groups, kh, kw); the MaxOut unit
     ``m`` of output ``o`` in group ``g`` is row ``g * M * Og + m * Og + (o - g * Og)`` (``Og`` outputs

@@ -8,13 +8,14 @@ import torch
 from torch import Tensor, nn
 
 from .bcos_function import LinearGeometry, bcos_apply
+from .calibration import CalibratedConstant
 from .explain_mode import DetachableModule
 from .helpers import check_b_max_out, check_input, resolve_scale
 
 __all__ = ['BcosLinear']
 
 
-class BcosLinear(DetachableModule):
+class BcosLinear(CalibratedConstant, DetachableModule):
     """B-cos linear layer on the last dimension of inputs of any leading shape.
 
     ``out = max_m(ŵ_m · x) * |cos(x, ŵ_m*)|^(B-1) / scale`` (Eq. 9, 17), no bias.

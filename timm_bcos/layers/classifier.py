@@ -1,7 +1,7 @@
 """Classifier heads of B-cos networks: a B-cos layer to the classes, then the logit map of Eq. 16."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -13,6 +13,13 @@ from .logit import LogitLayer
 __all__ = ['BcosClassifier', 'BcosConvClassifier']
 
 
+def reset_uncalibrated_logit(logit: LogitLayer, state_dict: Dict[str, Any], prefix: str, weight_key: str) -> None:
+    """A checkpoint that holds the classifier's weight but no temperature was not calibrated: its
+    logit map has the constructed temperature."""
+    if prefix + weight_key in state_dict and prefix + 'logit.temperature' not in state_dict:
+        logit.reset_calibration()
+
+
 class BcosClassifier(BcosLinear):
     """The classifier of a converted model: `BcosLinear` followed by the fixed logit map of Eq. 16."""
 
@@ -20,6 +27,10 @@ class BcosClassifier(BcosLinear):
                  logit_temperature: Optional[float] = None, **kwargs) -> None:
         super().__init__(in_features, out_features, **kwargs)
         self.logit = LogitLayer(bias=logit_bias, temperature=logit_temperature)
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        reset_uncalibrated_logit(self.logit, state_dict, prefix, 'weight')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logit(super().forward(x))
@@ -35,6 +46,10 @@ class BcosConvClassifier(nn.Module):
         self.fc = BcosConv2d(in_features, out_features, 1, **kwargs)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.logit = LogitLayer(bias=logit_bias, temperature=logit_temperature)
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        reset_uncalibrated_logit(self.logit, state_dict, prefix, 'fc.weight')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:

@@ -44,7 +44,8 @@ __all__ = ['PAPER_ARCHS', 'PAPER_DESIGN', 'SHIPPED_DIR', 'TINY_WIDTHS', 'V1_ARCH
 
 PAPER_ARCHS = ('vgg11', 'resnet18', 'resnet34', 'resnet50', 'resnext50_32x4d', 'densenet121', 'densenet161',
                'inception_v3', 'efficientnet_b0', 'mobilenetv3_large_100', 'convnext_tiny')
-PAPER_DESIGN = dict(b=2.0, max_out=2, norm='none', head='auto', logit_bias=None, logit_temperature=None)
+PAPER_DESIGN = dict(b=2.0, max_out=2, norm='none', head='auto', logit_bias=None, logit_temperature=None,
+                    calibrate=True)
 _PAPER = dict(paper_name='B-cos Networks: Alignment is All We Need for Interpretability',
               paper_ids='arXiv:2205.10268', origin_url='https://github.com/moboehle/B-cos')
 
@@ -163,8 +164,11 @@ def _v1_weights(key: str, cfg: PretrainedCfg, cache_dir: Optional[str]) -> Pretr
 
 
 def _register(name: str, builder: Callable[..., nn.Module], doc: str,
-              filter_fn: Optional[Callable] = None) -> None:
+              filter_fn: Optional[Callable] = None, converted: bool = False) -> None:
     """Register `name`; a ``v1_*`` pretrained tag (``name.v1_...``) builds that v1 checkpoint's architecture.
+
+    A `converted` model is calibrated when built from scratch; with ``pretrained=True`` its scales
+    come from the checkpoint (`CalibratedConstant`), so the calibration pass is skipped.
 
     timm passes ``name.tag`` as ``pretrained_cfg='tag'``; it is resolved here (with the overlay) to
     choose the builder, and handed on resolved.
@@ -175,6 +179,8 @@ def _register(name: str, builder: Callable[..., nn.Module], doc: str,
         cfg = resolve_pretrained_cfg(name, kwargs.pop('pretrained_cfg', None),
                                      kwargs.pop('pretrained_cfg_overlay', None))
         if v1_arch is None or not (cfg.tag or '').startswith('v1_'):
+            if converted and pretrained:
+                kwargs.setdefault('calibrate', False)
             return build_bcos_model(builder, name, pretrained, pretrained_filter_fn=filter_fn, pretrained_cfg=cfg,
                                     **kwargs)
         key = f'{v1_arch}.{cfg.tag}'
@@ -200,7 +206,7 @@ def _paper_doc(arch: str) -> str:
 
 
 for _arch in PAPER_ARCHS:
-    _register(f'bcos_{_arch}', _convert_builder(_arch, PAPER_DESIGN), _paper_doc(_arch))
+    _register(f'bcos_{_arch}', _convert_builder(_arch, PAPER_DESIGN), _paper_doc(_arch), converted=True)
 for _name in V2_ARCHS:
     _register(f'bcosv2_{_name}', partial(create_v2_model, _name),
               f"B-cos v2 {_name}: uncentered bias-free BN, MaxOut 1, conv head; pretrained=True loads the v2 "

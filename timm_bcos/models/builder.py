@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .._utils import hub_offline, url_cache_dir
-from ..layers import BcosConv2d, BcosLinear
+from ..layers import BcosConv2d, BcosLinear, calibration_keys
 
 __all__ = ['CheckpointMismatchError', 'PretrainedWeightsError', 'build_bcos_model', 'check_state_dict', 'create_model',
            'load_model']
@@ -43,8 +43,13 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
         cfg['num_classes'] = model.num_classes
         new_head = False
     ignored = head_keys if new_head else set()
-    missing = sorted(set(expected) - set(state_dict) - ignored)
-    unexpected = sorted(set(state_dict) - set(expected))
+    # Calibrated scales / temperatures are in a checkpoint of a calibrated model only; either way fits.
+    optional = calibration_keys(model)
+    if new_head:  # the new head keeps its own scale
+        for key in [k for k in state_dict if k in optional and any(k.startswith(f'{c}.') for c in classifiers)]:
+            del state_dict[key]
+    missing = sorted(set(expected) - set(state_dict) - ignored - optional)
+    unexpected = sorted(set(state_dict) - set(expected) - optional)
     shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}'
               for k in sorted(set(state_dict) & set(expected) - ignored)
               if tuple(state_dict[k].shape) != tuple(expected[k].shape)]

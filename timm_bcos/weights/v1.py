@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from .._utils import hub_offline, url_cache_dir
 from ..convert import convert_to_bcos
-from ..layers import BcosConv2d, BcosLinear, LogitLayer
+from ..layers import BcosConv2d, BcosLinear, LogitLayer, calibration_keys
 from ..models.builder import PretrainedWeightsError
 from ..models.simple_cifar import BcosSimpleNet
 from .reference import (LINEAR_SUFFIX, StateDictMismatchError, check_tensor_dict, class_count_hint, classifier_key,
@@ -155,8 +155,11 @@ def set_v1_scales(model: nn.Module, scale_factor: float) -> nn.Module:
     """Set v1's output divisor ``sqrt(k_h k_w C_in) / scale_factor`` on every B-cos layer of `model`.
 
     `convert_to_bcos` uses v1's default ``scale_fact=100``; v1's VGG uses 1000 and its Inception 200.
+    These are fixed scales: a calibration is undone first.
     """
     for m in model.modules():
+        if isinstance(m, (BcosConv2d, BcosLinear)):
+            m.reset_calibration()
         if isinstance(m, BcosConv2d):
             m.scale = math.sqrt(m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]) / scale_factor
         elif isinstance(m, BcosLinear):
@@ -194,7 +197,7 @@ def create_v1_model(tag: str, num_classes: Optional[int] = None, state_dict: Opt
         model = timm.create_model(cfg['timm_arch'], pretrained=False, num_classes=num_classes, **kwargs)
         if cfg['family'] == 'vgg':
             prepare_vgg_head(model)
-        convert_to_bcos(model, **settings)
+        convert_to_bcos(model, calibrate=False, **settings)  # v1's exact fixed scales
         set_v1_scales(model, scale_factor)
     model.bcos_cfg['v1_tag'] = tag
     if state_dict is not None:
@@ -375,7 +378,8 @@ def map_v1_state_dict(state_dict: Dict[str, Tensor], model: nn.Module, *,
                           'B-cos v1 checkpoints exist for timm DenseNet, ResNet, VGG and Inception-v3 models and '
                           'BcosSimpleNet')
     _check_model_config(model, family)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    optional = calibration_keys(model)  # reference checkpoints have fixed scales: none of these
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in optional}
     inner = _strip_prefix(list(state_dict), family)
     reference_format = any(k.endswith(LINEAR_SUFFIX) for k in inner.values())
     if reference_format:

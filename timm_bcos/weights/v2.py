@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 from torch import Tensor, nn
 
 from ..convert import convert_to_bcos
+from ..layers import calibration_keys
 from .reference import (LINEAR_SUFFIX, StateDictMismatchError, check_tensor_dict, class_count_hint, classifier_key,
                         compare_mapped_keys, has_reference_vgg_head, mismatch_message, model_family, prepare_vgg_head,
                         rename_keys, rename_reference_keys, strip_linear, to_our_layout)
@@ -98,7 +99,7 @@ def create_v2_model(name: str, num_classes: int = 1000, state_dict: Optional[Dic
     model = timm.create_model(cfg['timm_arch'], pretrained=False, num_classes=num_classes, **timm_kwargs)
     if cfg['family'] == 'vgg':
         prepare_vgg_head(model)
-    convert_to_bcos(model, **cfg['convert_kwargs'])
+    convert_to_bcos(model, calibrate=False, **cfg['convert_kwargs'])  # v2's layers are unscaled
     if state_dict is not None:
         load_v2_state_dict(model, state_dict)
     return model
@@ -202,7 +203,8 @@ def map_v2_state_dict(state_dict: Dict[str, Tensor], model: nn.Module, *,
     family = model_family(model, ('resnet', 'densenet', 'vgg'), V2StateDictError,
                           'B-cos v2 checkpoints exist for timm ResNet/ResNeXt, DenseNet and VGG models')
     _check_model_config(model, family)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    optional = calibration_keys(model)  # reference checkpoints have fixed scales: none of these
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in optional}
     reference_format = any(k.endswith(LINEAR_SUFFIX) for k in state_dict)
     names = _our_names(state_dict, family, model) if reference_format else {k: k for k in state_dict}
     mapped, sources = rename_keys(state_dict, names, V2StateDictError)
