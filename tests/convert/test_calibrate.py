@@ -153,3 +153,11 @@ def test_calibrate_scales_on_own_data_and_a_subset_of_layers():
     assert len(result.scales) == sum(isinstance(m, (BcosConv2d, BcosLinear)) for m in model.modules())
     with pytest.raises(ValueError, match='positive'):
         model.conv1.set_calibrated(0.0)
+
+
+def test_fine_tuning_a_calibrated_checkpoint_calibrates_the_new_head(tmp_path):
+    model = timm.create_model('bcos_resnet18', num_classes=10)
+    timm_bcos.models.save_pretrained(model, str(tmp_path / 'run'))
+    tuned = timm.create_model(f'local-dir:{tmp_path / "run"}', pretrained=True, num_classes=5)
+    assert tuned.conv1.scale == model.conv1.scale and tuned.fc.calibrated and tuned.fc.logit.calibrated
+    assert 0.5 <= _spread(tuned, _images(4, 224)) <= 2

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .._utils import hub_offline, url_cache_dir
+from ..convert import calibrate_scales
 from ..layers import BcosConv2d, BcosLinear, calibration_keys
 
 __all__ = ['CheckpointMismatchError', 'PretrainedWeightsError', 'build_bcos_model', 'check_state_dict', 'create_model',
@@ -142,7 +143,8 @@ def build_bcos_model(
         if not os.path.exists(cached):  # timm would try to download: fail now, with the way out
             raise PretrainedWeightsError(_unavailable(variant, cfg, 'not in the local cache'))
     try:
-        return build_model_with_cfg(builder, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
+        model = build_model_with_cfg(builder, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
+        return _calibrate_new_head(model) if pretrained else model
     except CheckpointMismatchError:
         raise
     except Exception as e:
@@ -153,6 +155,19 @@ def build_bcos_model(
                                          f'{type(e).__name__}: {e}. The file is corrupt or not a '
                                          f'safetensors/torch checkpoint.') from e
         raise PretrainedWeightsError(_unavailable(variant, cfg, f'{type(e).__name__}: {e}')) from e
+
+
+def _calibrate_new_head(model: nn.Module) -> nn.Module:
+    """A calibrated checkpoint loaded for another class count (the head was dropped, fine-tuning):
+    the new head gets its scale and temperature the same way (`calibrate_scales`)."""
+    path = (getattr(model, 'bcos_cfg', None) or {}).get('classifier')
+    if not path:
+        return model
+    layers = {p: m.calibrated for p, m in model.named_modules() if isinstance(m, (BcosConv2d, BcosLinear))}
+    head = [c for p, c in layers.items() if p == path or p.startswith(path + '.')]
+    if head and not any(head) and any(layers.values()):
+        calibrate_scales(model, layers=[path], temperature=model.bcos_cfg.get('logit_temperature') is None)
+    return model
 
 
 def _resolved_cfg(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
