@@ -143,6 +143,26 @@ def test_bad_calibration_data_leaves_the_model_untouched(data, match):
     model.eval()(torch.rand(1, 3, 32, 32))
 
 
+def _own_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 5))
+
+
+def test_own_network_is_calibrated_on_its_own_data_and_warns_without():
+    """A network without a pretrained_cfg has no known input size: 224 px noise could exhaust memory
+    (attention over 50k tokens) or not fit at all, so it needs calibration_data or warns."""
+    with pytest.warns(UserWarning, match='Sequential has no pretrained_cfg input size.*calibration_data='):
+        fixed = timm_bcos.convert_to_bcos(_own_net())
+    assert not fixed.bcos_cfg['calibrate'] and not any(m.calibrated for m in fixed.modules()
+                                                       if isinstance(m, (BcosConv2d, BcosLinear)))
+    with pytest.raises(ValueError, match='no pretrained_cfg input size.*calibration_data'):
+        calibration_batch(fixed)
+    model = timm_bcos.convert_to_bcos(_own_net(), calibration_data=_images(8, 16))
+    assert model.bcos_cfg['calibrate'] and 0.5 <= _spread(model, _images(8, 16)) <= 2
+    assert model.double().check_dynamic_linearity(_images(2, 16, dtype=torch.float64)) < 1e-10
+
+
 def test_calibrate_scales_on_own_data_and_a_subset_of_layers():
     model = timm_bcos.convert_to_bcos(timm.create_model('resnet18', num_classes=10), calibrate=False)
     stem = model.conv1.scale

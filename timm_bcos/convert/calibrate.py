@@ -19,10 +19,9 @@ from torch import Tensor, nn
 
 from ..layers import AddInverse, BcosConv2d, BcosLinear, CalibratedConstant, LogitLayer
 
-__all__ = ['CalibrationResult', 'calibrate_scales', 'calibration_batch', 'calibration_state',
+__all__ = ['CalibrationResult', 'calibrate_scales', 'calibration_batch', 'calibration_size', 'calibration_state',
            'restore_calibration_state']
 
-DEFAULT_SIZE = (224, 224)
 _State = Tuple[CalibratedConstant, Optional[float], bool, Optional[float]]
 
 
@@ -35,11 +34,20 @@ class CalibrationResult:
     unreached: List[str] = field(default_factory=list)
 
 
+def calibration_size(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """The (H, W) of the model's ``pretrained_cfg['input_size']``; None for a model without one
+    (a user's own network: only its author knows what it takes)."""
+    size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size')
+    return tuple(size[1:]) if size and len(size) == 3 else None
+
+
 def calibration_batch(model: nn.Module, batch_size: int = 4, seed: int = 0, in_chans: Optional[int] = None) -> Tensor:
-    """Seeded uniform-noise images at the model's ``pretrained_cfg`` input size (224 px if it has
-    none), encoded as the model takes them ([x, 1-x] for a 6-channel model)."""
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    size = tuple(cfg.get('input_size', (0,) + DEFAULT_SIZE)[1:])
+    """Seeded uniform-noise images at the model's ``pretrained_cfg`` input size, encoded as the
+    model takes them ([x, 1-x] for a 6-channel model)."""
+    size = calibration_size(model)
+    if size is None:
+        raise ValueError(f'{type(model).__name__} has no pretrained_cfg input size to make a calibration batch at: '
+                         f'pass calibration_data=<a batch of its inputs, (N, C, H, W)>')
     in_chans = in_chans or _input_channels(model)
     param = next(model.parameters())
     generator = torch.Generator().manual_seed(seed)

@@ -5,12 +5,13 @@ the stem takes the [x, 1-x] input and the classifier gets the logit bias of Eq. 
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional
 
 from torch import Tensor, nn
 
 from ..layers import BcosConv2d, BcosLinear, DynamicGate
-from .calibrate import calibrate_scales, calibration_state, restore_calibration_state
+from .calibrate import calibrate_scales, calibration_size, calibration_state, restore_calibration_state
 from .heads import classifier_path, convert_head, convert_stem, stem_paths
 from .mixin import attach_bcos_mixin
 from .rewrite import convert_tree
@@ -65,7 +66,9 @@ def convert_to_bcos(
             whatever its depth and widths. False keeps the fixed scales (v1's factor, or 1 with
             ``norm='bnu'``), as released v1 / v2 weights need.
         calibration_data: the model's input for calibration, (N, in_chans, H, W); default seeded
-            noise images at the model's ``pretrained_cfg`` input size (`calibration_batch`).
+            noise images at the model's ``pretrained_cfg`` input size (`calibration_batch`). A
+            model without one (a user's own network) needs this to be calibrated: without it the
+            conversion warns and keeps the fixed scales.
 
     Returns:
         The same model object, converted, with the `BcosModelMixin` methods (explanation_mode,
@@ -87,6 +90,11 @@ def convert_to_bcos(
     lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
     if lazy:
         raise ValueError(f'{lazy[0]} is not initialised yet (a lazy module): run one forward pass first')
+    if calibrate and calibration_data is None and calibration_size(model) is None:
+        warnings.warn(f'convert_to_bcos: {type(model).__name__} has no pretrained_cfg input size, so its scales are '
+                      f'not calibrated (an uncalibrated network may start with dead or exploding logits): pass '
+                      f'calibration_data=<a batch of its inputs> to calibrate, or calibrate=False', UserWarning, stacklevel=2)
+        calibrate = False
     ctx = ConversionContext.create(b, max_out, norm, strict)
     stems, classifier = stem_paths(model), classifier_path(model)
     before = calibration_state(model)  # B-cos layers the model had already
