@@ -51,19 +51,27 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module, ctx: Conversi
 
 
 def convert_stem(model: nn.Module, paths: Sequence[str], in_chans: int, ctx: ConversionContext) -> None:
+    """Make each stem conv take the `in_chans`-channel encoding. A stem that takes a multiple of the
+    image's channels (TResNet's conv after a 4x4 space-to-depth: 16 x 3) takes that multiple of
+    `in_chans` (the rearrangement is linear and channel-count agnostic)."""
+    image_chans = getattr(model, 'in_chans', None)  # as built (timm models keep it)
+    if not isinstance(image_chans, int) or image_chans < 1:
+        image_chans = ((getattr(model, 'pretrained_cfg', None) or {}).get('input_size') or (3,))[0]
     for path in paths:
         conv = _get_submodule(model, path)
         if not isinstance(conv, BcosConv2d):
             raise UnsupportedModuleError(path, type(conv).__name__, 'the stem must be a convolution')
-        if conv.in_channels == in_chans:
+        multiple = conv.in_channels // image_chans if conv.in_channels % image_chans == 0 else 1
+        stem_chans = in_chans * multiple
+        if conv.in_channels in (in_chans, stem_chans):
             continue
         if conv.groups != 1:
-            raise UnsupportedModuleError(path, 'grouped stem conv', f'cannot change its input to {in_chans} channels')
+            raise UnsupportedModuleError(path, 'grouped stem conv', f'cannot change its input to {stem_chans} channels')
         kwargs = dict(stride=conv.stride, dilation=conv.dilation, **ctx.bcos_kwargs())
         if isinstance(conv, BcosConv2dSame):
-            new = BcosConv2dSame(in_chans, conv.out_channels, conv.kernel_size, **kwargs)
+            new = BcosConv2dSame(stem_chans, conv.out_channels, conv.kernel_size, **kwargs)
         else:
-            new = BcosConv2d(in_chans, conv.out_channels, conv.kernel_size, padding=conv.padding,
+            new = BcosConv2d(stem_chans, conv.out_channels, conv.kernel_size, padding=conv.padding,
                              padding_mode=conv.padding_mode, **kwargs)
         _set_submodule(model, path, new.to(device=conv.weight.device, dtype=conv.weight.dtype), ctx)
 

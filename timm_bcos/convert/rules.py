@@ -1,9 +1,10 @@
 """The module rules of the converter (pass 2, paper §3.3): which leaf module becomes what.
 
-conv -> `BcosConv2d`, linear -> `BcosLinear`, norms removed (``norm='none'``, the paper) or made
-bias-free and uncentered (``norm='bnu'``, v2), activations removed (or kept as a `DynamicGate` where
-they make a gate), max-pools -> average pools, linear modules kept. `MODULE_RULES` is the table;
-`ConversionContext` carries the settings of one conversion.
+conv -> `BcosConv2d`, CondConv -> `BcosCondConv2d`, linear -> `BcosLinear`, norms removed
+(``norm='none'``, the paper) or made bias-free and uncentered (``norm='bnu'``, v2), activations
+removed (or kept as a `DynamicGate` where they make a gate), max-pools -> average pools, linear
+modules kept. `MODULE_RULES` is the table; `ConversionContext` carries the settings of one
+conversion.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from torch import nn
 
-from ..layers import (AddInverse, BatchNormUncentered2d, BcosConv2d, BcosConv2dSame, BcosLinear, DetachableModule,
-                      DynamicGate, GroupNormUncentered, LayerNorm2dUncentered, LogitLayer)
+from ..layers import (AddInverse, BatchNormUncentered2d, BcosCondConv2d, BcosConv2d, BcosConv2dSame, BcosLinear,
+                      DetachableModule, DynamicGate, GroupNormUncentered, LayerNorm2dUncentered, LogitLayer)
 
 __all__ = ['ConversionContext', 'LINEAR_UPSAMPLE_MODES', 'MODULE_RULES', 'ModuleRule', 'SUPPORTED_SUMMARY',
            'TIMM_ACTIVATION_MODULES', 'TRUSTED_FORWARDS', 'UnsupportedModuleError', 'find_rule', 'is_activation',
@@ -145,6 +146,15 @@ def _convert_conv(m: nn.Conv2d, ctx: ConversionContext, path: str) -> nn.Module:
     return new.to(device=m.weight.device, dtype=m.weight.dtype)
 
 
+def _convert_cond_conv(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Module:
+    """timm's `CondConv2d` (per-sample mixture of expert kernels) -> `BcosCondConv2d`."""
+    dynamic = m.dynamic_padding
+    new = BcosCondConv2d(m.in_channels, m.out_channels, m.kernel_size, num_experts=m.num_experts,
+                         same_padding=dynamic, stride=m.stride, padding=0 if dynamic else m.padding,
+                         dilation=m.dilation, groups=m.groups, **ctx.bcos_kwargs())
+    return new.to(device=m.weight.device, dtype=m.weight.dtype)
+
+
 def _convert_linear(m: nn.Linear, ctx: ConversionContext, path: str) -> nn.Module:
     return BcosLinear(m.in_features, m.out_features, **ctx.bcos_kwargs()).to(
         device=m.weight.device, dtype=m.weight.dtype)
@@ -199,6 +209,12 @@ def _unsupported_pool(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Mod
     return m
 
 
+def _unsupported_recurrent(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Module:
+    ctx.unsupported(path, type(m).__name__, 'a recurrent layer multiplies input-dependent gates and states: it '
+                                            'has no dynamic-linear form')
+    return m
+
+
 def _keep(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Module:
     return m
 
@@ -209,10 +225,16 @@ def pair(v) -> Tuple[int, ...]:
 
 @dataclass(frozen=True)
 class ModuleRule:
-    """One line of the conversion table: modules matching `match` are replaced by `convert`."""
+    """One line of the conversion table: modules matching `match` are replaced by `convert`.
+
+    `weight_args`: positions (after the input) of forward arguments that set the module's weights
+    per sample (CondConv's routing). The fx pass treats them like gates: their squashing activation
+    is kept as a `DynamicGate`, and the converted module detaches them in explanation mode.
+    """
     name: str
     match: Callable[[nn.Module], bool]
     convert: Callable[[nn.Module, ConversionContext, str], nn.Module]
+    weight_args: Tuple[int, ...] = ()
 
 
 MODULE_RULES: List[ModuleRule] = [
@@ -220,6 +242,8 @@ MODULE_RULES: List[ModuleRule] = [
                lambda m: isinstance(m, (DetachableModule, LogitLayer, AddInverse)), _keep),
     ModuleRule('Conv2d (incl. Conv2dSame, grouped, dilated) -> BcosConv2d',
                lambda m: isinstance(m, nn.Conv2d), _convert_conv),
+    ModuleRule('CondConv2d -> BcosCondConv2d (routing detached when explaining)',
+               lambda m: isinstance(m, timm_classes('CondConv2d')), _convert_cond_conv, weight_args=(0,)),
     ModuleRule('Linear -> BcosLinear', lambda m: isinstance(m, nn.Linear), _convert_linear),
     ModuleRule("norms (incl. norm+act) -> removed, or bias-free uncentered with norm='bnu'", is_norm, _convert_norm),
     ModuleRule('activation -> removed (a gate -> DynamicGate)', is_activation, _convert_activation),
@@ -232,13 +256,17 @@ MODULE_RULES: List[ModuleRule] = [
     ModuleRule('concatenated avg+max pool (unsupported)',
                lambda m: isinstance(m, timm_classes('FastAdaptiveCatAvgMaxPool', 'AdaptiveCatAvgMaxPool2d')),
                _unsupported_pool),
+    ModuleRule('recurrent layer (LSTM, GRU, RNN) (unsupported)', lambda m: isinstance(m, nn.RNNBase),
+               _unsupported_recurrent),
     ModuleRule('linear module (identity, dropout, drop-path, avg-pool, flatten, upsample, zero-pad) kept',
                _is_linear_leaf, _keep),
 ]
 
 SUPPORTED_SUMMARY = '; '.join(r.name for r in MODULE_RULES) + (
-    '; inline residual adds, concatenation, reshapes, mean/sum, average pools, products with '
-    'parameters or constants (layer scale), gated products x * act(...) (squeeze-excite)')
+    '; inline residual adds, concatenation, reshapes, mean/sum, average pools, fixed (non-learned) '
+    'filters, products with parameters or constants (layer scale), gated products x * g(...) with g a '
+    'squashing activation or a ratio (squeeze-excite, GRN); inline activations (incl. powers) and '
+    'biases (constants added) are removed')
 
 
 # Modules whose forward torch.fx cannot trace (control flow on shapes, list inputs). Each forward was

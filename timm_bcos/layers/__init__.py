@@ -1,4 +1,5 @@
 """B-cos layers (paper §3): the B-cos transform, its classifiers, input encoding, explanation mode."""
+from .bcos_cond_conv import BcosCondConv2d
 from .bcos_conv import BcosConv2d, BcosConv2dSame
 from .bcos_function import from_reference_layout, to_reference_layout
 from .calibration import CalibratedConstant, calibration_keys
@@ -11,8 +12,8 @@ from .logit import LogitLayer
 from .norm import BatchNormUncentered2d, GroupNormUncentered, LayerNorm2dUncentered
 
 __all__ = [
-    'AddInverse', 'BatchNormUncentered2d', 'BcosClassifier', 'BcosConv2d', 'BcosConv2dSame', 'BcosConvClassifier',
-    'BcosLinear', 'CalibratedConstant', 'DetachableModule', 'DynamicGate', 'GroupNormUncentered',
+    'AddInverse', 'BatchNormUncentered2d', 'BcosClassifier', 'BcosCondConv2d', 'BcosConv2d', 'BcosConv2dSame',
+    'BcosConvClassifier', 'BcosLinear', 'CalibratedConstant', 'DetachableModule', 'DynamicGate', 'GroupNormUncentered',
     'LayerNorm2dUncentered', 'LogitLayer', 'add_inverse', 'calibration_keys', 'explanation_mode',
     'from_reference_layout', 'is_explanation_mode', 'to_reference_layout',
 ]
