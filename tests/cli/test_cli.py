@@ -6,11 +6,31 @@ from timm_bcos.cli import main
 
 def test_coverage_command_writes_report(tmp_path):
     out = tmp_path / 'coverage.md'
-    main(['coverage', '--models', 'resnet18', 'selecsls42b', '--out', str(out)])
+    main(['coverage', '--models', 'test_resnet', 'test_vit', '--out', str(out)])
     text = out.read_text()
-    assert '1/2 architectures convert' in text
-    assert '| resnet18 |' in text and '| yes |' in text
-    assert 'SelecSlsBlock' in text and 'torch.fx cannot trace' in text
+    assert '(no dot-product attention)** (models: 1): exact 1. Exact (Eq. 13 error <= 1e-06): 1/1 (100%)' in text
+    assert '| resnet | test_resnet | ' in text and '| vision_transformer | test_vit | ' in text
+    assert '## Attention / transformer models' in text and 'scaled_dot_product_attention in blocks.0.attn' in text
+
+
+def test_coverage_refuses_unknown_models(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(['coverage', '--models', 'resnet18', 'no_such_net', '--out', str(tmp_path / 'c.md')])
+    assert e.value.code == 1 and 'not timm models: no_such_net' in capsys.readouterr().err
+    assert not (tmp_path / 'c.md').exists()
+
+
+def test_coverage_train_command_writes_report(tmp_path):
+    out = tmp_path / 'train.md'
+    main(['coverage', '--train', '--models', 'test_resnet', '--steps', '2', '--batch-size', '8', '--out', str(out)])
+    text = out.read_text()
+    assert text.startswith('# Trainability') and '2 steps of batch 8' in text
+    assert '| test_resnet |' in text and '| 32 | trained |' in text
+    coverage = tmp_path / 'coverage.md'
+    coverage.write_text('# Conversion coverage\n')
+    with pytest.raises(SystemExit):  # a coverage report is not replaced by a trainability report
+        main(['coverage', '--train', '--models', 'test_resnet', '--out', str(coverage)])
+    assert coverage.read_text() == '# Conversion coverage\n'
 
 
 def test_unknown_command():
@@ -55,13 +75,13 @@ def test_coverage_replaces_only_a_coverage_report(tmp_path, capsys):
     notes = tmp_path / 'notes.md'
     notes.write_text('# my notes\n')
     with pytest.raises(SystemExit) as e:
-        main(['coverage', '--models', 'resnet18', '--out', str(notes)])
+        main(['coverage', '--models', 'test_resnet', '--out', str(notes)])
     assert e.value.code == 1 and notes.read_text() == '# my notes\n'
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'is not a coverage report' in err and 'Traceback' not in err
     report = tmp_path / 'coverage.md'
     for _ in range(2):  # its own report is rewritten
-        main(['coverage', '--models', 'resnet18', '--out', str(report)])
+        main(['coverage', '--models', 'test_resnet', '--out', str(report)])
     assert report.read_text().startswith('# Conversion coverage')
 
 

@@ -1,0 +1,138 @@
+"""The converter's surveys: attention criterion, per-model checks, the report, the family picks."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm_bcos import convert_to_bcos
+from timm_bcos.evaluation import coverage
+from timm_bcos.evaluation.coverage import (COVERAGE_MODELS, CRASHED, EXACT, REFUSED, CoverageResult, check_model,
+                                           dynamic_gates, eq13_autograd)
+from timm_bcos.evaluation.coverage_report import coverage_report, summary_lines
+from timm_bcos.evaluation.families import attention_evidence, smallest_per_family, timm_families
+
+
+class GatedNet(nn.Module):
+    """A CNN with a squeeze-excite gate (an elementwise product of two input-dependent tensors) and a
+    product with a weight matrix: neither is dot-product attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.se = nn.Conv2d(8, 8, 1)
+        self.proj = nn.Parameter(torch.randn(8, 8))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        x = x * torch.sigmoid(self.se(x.mean((2, 3), keepdim=True)))
+        return self.fc(x.mean((2, 3)) @ self.proj)
+
+
+class QKNet(GatedNet):
+    """The same with a dot product between features (q @ k^T over the pixels)."""
+
+    def forward(self, x):
+        t = F.relu(self.conv(x)).flatten(2).transpose(1, 2)
+        attn = (t @ t.transpose(1, 2)).softmax(-1)
+        return self.fc((attn @ t).mean(1))
+
+
+def test_attention_criterion():
+    assert attention_evidence(GatedNet(), (3, 8, 8)) is None
+    assert attention_evidence(QKNet(), (3, 8, 8)) == 'matmul in <root>'
+    mha = nn.Sequential(nn.Conv2d(3, 8, 1))
+    mha.attn = nn.MultiheadAttention(8, 2)
+    assert attention_evidence(mha, (3, 8, 8)) == 'nn.MultiheadAttention at attn'
+    vit = timm.create_model('test_vit', num_classes=10)
+    assert attention_evidence(vit, vit.pretrained_cfg['input_size']).endswith('in blocks.0.attn')
+    assert all(p.requires_grad for p in vit.parameters())  # left as they were
+
+
+def test_gates_are_listed_and_eq13_check_catches_a_nonlinearity():
+    model = convert_to_bcos(GatedNet(), calibrate=False).double()
+    assert [what for _, what in dynamic_gates(model)] == ['sigmoid()']
+    x = torch.rand(2, 6, 8, 8, dtype=torch.float64)
+    assert eq13_autograd(model, x) < 1e-12
+    model.fc = nn.Sequential(nn.Softplus(), model.fc)  # not dynamic linear: the check must see it
+    assert eq13_autograd(model, x) > 1e-3
+
+
+class MHANet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        t = self.conv(x).flatten(2).transpose(1, 2)
+        return self.fc(self.attn(t, t, t)[0].mean(1))
+
+
+def test_check_model_outcomes(monkeypatch):
+    r = check_model('test_resnet', img_size=64)
+    assert (r.family, r.group, r.outcome, r.reason) == ('resnet', 'CNN', EXACT, '')
+    assert r.error < 1e-10 and r.alive and r.input_size == (64, 64)
+    monkeypatch.setattr(timm, 'create_model', lambda name, **kwargs: MHANet())
+    r = check_model('test_resnet', img_size=8)
+    assert (r.group, r.outcome, r.error) == ('attention', REFUSED, None)
+    assert r.reason.startswith('UnsupportedModuleError: cannot convert MultiheadAttention at \'attn\'')
+
+    def crash(model, size):
+        raise RuntimeError('boom')
+
+    monkeypatch.setattr(timm, 'create_model', lambda name, **kwargs: GatedNet())
+    monkeypatch.setattr(coverage, '_train_step', crash)
+    r = check_model('test_resnet', img_size=8)
+    assert (r.outcome, r.reason) == (CRASHED, 'train-mode forward + backward: RuntimeError: boom')
+
+
+def _result(model, group, outcome, error=None, spread=None, gates=()):
+    return CoverageResult(model, model.split('_')[0], group, outcome, 1_000_000, (64, 64), error, spread, 1.0,
+                          '' if outcome == EXACT else 'why | not', 'matmul in blocks.0' if group == 'attention' else '',
+                          gates)
+
+
+def test_report_groups_counts_and_gates():
+    results = [_result('a_cnn', 'CNN', EXACT, 1e-15, 1.0, (('s.gate', 'sigmoid()'),) * 2),
+               _result('b_cnn', 'CNN', CRASHED), _result('c_cnn', 'CNN', EXACT, 1e-15, 50.0),
+               _result('d_vit', 'attention', REFUSED)]
+    lines = summary_lines(results, 'families')
+    assert lines[0].startswith('- **CNNs (no dot-product attention)** (families: 3): exact 2, crashed after '
+                               'conversion 1. Exact (Eq. 13 error <= 1e-06): 2/3 (67%). Alive at start')
+    assert lines[0].endswith('1/2 of those that ran.') and 'refused 1' in lines[1]
+    text = coverage_report(results, 'timm-bcos coverage --families', 'families')
+    assert text.count('| family | model |') == 2 and '| attention found |' in text
+    assert '| d | d_vit | 1.0 | refused |' in text and 'why \\| not' in text and 'matmul in blocks.0' in text
+    assert '| sigmoid() x2 |' in text and '**a_cnn**: `s.gate` (sigmoid())' in text
+
+
+def test_smallest_per_family(monkeypatch):
+    create = timm.create_model
+
+    def failing(name, **kwargs):
+        if name == 'vgg11':
+            raise RuntimeError('no meta')
+        return create(name, **kwargs)
+
+    families = timm_families()
+    assert 'resnet' in families and 'bcos_models' in timm.list_modules() and 'bcos_models' not in families
+    picks, skipped = smallest_per_family(['vgg'], progress=False)
+    assert [(p.family, p.model) for p in picks] == [('vgg', 'vgg11')] and skipped == {}
+    monkeypatch.setattr(timm, 'create_model', failing)
+    picks, skipped = smallest_per_family(['vgg'], progress=False)
+    assert picks[0].model == 'vgg11_bn' and skipped == {'vgg11': 'RuntimeError: no meta'}
+    with pytest.raises(ValueError, match='not timm model families'):
+        smallest_per_family(['no_such_family'])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', COVERAGE_MODELS)
+def test_coverage(name):
+    r = check_model(name)
+    assert r.outcome == EXACT and r.group == 'CNN', r.reason
+    assert r.error < 1e-10 and not math.isnan(r.spread) and r.alive, r
