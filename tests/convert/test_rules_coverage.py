@@ -18,6 +18,8 @@ from timm.layers.grn import GlobalResponseNorm
 from torch import nn
 
 from timm_bcos import AddInverse, BcosConv2d, DynamicGate, UnsupportedModuleError, convert_to_bcos
+from timm_bcos.convert import unconverted_modules
+from timm_bcos.evaluation.coverage import dynamic_gates
 from timm_bcos.layers import BcosCondConv2d
 
 
@@ -255,6 +257,11 @@ class StarBlock(nn.Module):
 def test_clipped_activations_are_gates():
     model = _convert_exact(_net(StarBlock()))
     assert sorted(n for n, m in model.named_modules() if isinstance(m, DynamicGate)) == ['1.act', '1.bcos_gate_0']
+    # f1 only feeds the gate (its value is detached when explaining): a gate branch, listed with the gates
+    assert model.bcos_cfg['gate_branches'] == ['1.f1'] and ('1.f1', 'branch BcosConv2d') in dynamic_gates(model)
+    starnet = convert_to_bcos(timm.create_model('starnet_s050', num_classes=5), calibrate=False)
+    assert type(starnet.stages[0][1].f1.conv) is nn.Conv2d  # StarNet's ConvBN gate branch is kept as it was
+    assert unconverted_modules(starnet) == [] and ('stages.0.1.f1', 'branch ConvBN') in dynamic_gates(starnet)
     _refused(_net(StarBlock(act=nn.GELU)), r"at '1'.*two input-dependent.*bounded activation")
 
 

@@ -22,12 +22,34 @@ __all__ = ['convert_to_bcos', 'unconverted_modules']
 
 def unconverted_modules(model: nn.Module) -> List[str]:
     """Paths of modules a B-cos network should not contain: norms, activations (outside gates),
-    max-pools, and plain convolutions / linear layers. Empty for a fully converted model."""
+    max-pools, and plain convolutions / linear layers. Empty for a fully converted model. Modules
+    inside a `DynamicGate` or on a branch that only feeds one (``bcos_cfg['gate_branches']``,
+    StarNet's ``act(f1(x))``) are part of a gate's value, detached when explaining: not listed."""
+    modules = dict(model.named_modules())
+    branches = [modules[p] for p in (getattr(model, 'bcos_cfg', None) or {}).get('gate_branches', ()) if p in modules]
     gates = {id(m) for g in model.modules() if isinstance(g, DynamicGate) for m in g.modules()}
+    gates |= {id(m) for b in branches for m in b.modules()}
     bad = (nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Conv2d, nn.Linear)
     return [f'{path} ({type(m).__name__})' for path, m in model.named_modules()
             if id(m) not in gates and not isinstance(m, (BcosConv2d, BcosLinear))
             and (isinstance(m, bad) or is_norm(m) or is_activation(m))]
+
+
+def _check_arguments(model: nn.Module, norm: str, head: str) -> None:
+    if norm not in ('none', 'bnu'):
+        raise ValueError(f"norm must be 'none' or 'bnu', got {norm!r}")
+    if head not in ('auto', 'conv'):
+        raise ValueError(f"head must be 'auto' or 'conv', got {head!r}")
+    if not isinstance(model, nn.Module):
+        hint = f" (build it first: timm.create_model({model!r}))" if isinstance(model, str) else ''
+        raise TypeError(f'convert_to_bcos expects a network (an nn.Module), got {type(model).__name__}{hint}')
+    if find_rule(model) is not None:
+        raise TypeError(f'convert_to_bcos expects a network, got a single {type(model).__name__}')
+    if getattr(model, 'bcos_cfg', None) is not None:
+        raise TypeError(f'{type(model).__name__} is already a B-cos network (it has a bcos_cfg)')
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(f'{lazy[0]} is not initialised yet (a lazy module): run one forward pass first')
 
 
 def convert_to_bcos(
@@ -76,24 +98,12 @@ def convert_to_bcos(
         was. With ``strict=False``, what could not be converted is listed in
         ``model.bcos_cfg['unconverted']`` and every `explain` warns that the model is not exact.
     """
-    if norm not in ('none', 'bnu'):
-        raise ValueError(f"norm must be 'none' or 'bnu', got {norm!r}")
-    if head not in ('auto', 'conv'):
-        raise ValueError(f"head must be 'auto' or 'conv', got {head!r}")
-    if not isinstance(model, nn.Module):
-        hint = f" (build it first: timm.create_model({model!r}))" if isinstance(model, str) else ''
-        raise TypeError(f'convert_to_bcos expects a network (an nn.Module), got {type(model).__name__}{hint}')
-    if find_rule(model) is not None:
-        raise TypeError(f'convert_to_bcos expects a network, got a single {type(model).__name__}')
-    if getattr(model, 'bcos_cfg', None) is not None:
-        raise TypeError(f'{type(model).__name__} is already a B-cos network (it has a bcos_cfg)')
-    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
-    if lazy:
-        raise ValueError(f'{lazy[0]} is not initialised yet (a lazy module): run one forward pass first')
+    _check_arguments(model, norm, head)
     if calibrate and calibration_data is None and calibration_size(model) is None:
         warnings.warn(f'convert_to_bcos: {type(model).__name__} has no pretrained_cfg input size, so its scales are '
                       f'not calibrated (an uncalibrated network may start with dead or exploding logits): pass '
-                      f'calibration_data=<a batch of its inputs> to calibrate, or calibrate=False', UserWarning, stacklevel=2)
+                      f'calibration_data=<a batch of its inputs> to calibrate, or calibrate=False', UserWarning,
+                      stacklevel=2)
         calibrate = False
     ctx = ConversionContext.create(b, max_out, norm, strict)
     stems, classifier = stem_paths(model), classifier_path(model)
@@ -111,4 +121,4 @@ def convert_to_bcos(
     return attach_bcos_mixin(model, dict(
         b=b, max_out=max_out, norm=norm, in_chans=in_chans, logit_bias=logit_bias,
         logit_temperature=logit_temperature, head=head, stem=stems, classifier=classifier,
-        unconverted=list(ctx.skipped), calibrate=calibrate))
+        unconverted=list(ctx.skipped), gate_branches=sorted(ctx.exempt), calibrate=calibrate))

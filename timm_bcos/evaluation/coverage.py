@@ -89,12 +89,18 @@ def first_line(e: BaseException) -> str:
 
 def dynamic_gates(model: nn.Module) -> Tuple[Tuple[str, str], ...]:
     """Every `DynamicGate` of `model`: its path and the non-linearity it keeps (a module class, or a
-    function as ``name()``). Their values multiply features and are detached in explanation mode."""
+    function as ``name()``), then every branch that only feeds a gate (``bcos_cfg['gate_branches']``,
+    kept as it was: ``branch ConvNormAct``). Their values multiply features and are detached in
+    explanation mode."""
     gates = []
     for path, m in model.named_modules():
         if isinstance(m, DynamicGate):
             what = type(m.gate).__name__ if hasattr(m, 'gate') else f'{getattr(m.gate_fn, "__name__", m.gate_fn)}()'
             gates.append((path, what))
+    modules = dict(model.named_modules())
+    for path in (getattr(model, 'bcos_cfg', None) or {}).get('gate_branches', ()):
+        if path in modules:
+            gates.append((path, f'branch {type(modules[path]).__name__}'))
     return tuple(gates)
 
 
