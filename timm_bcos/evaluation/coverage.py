@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..convert import UnsupportedModuleError, convert_to_bcos, unconverted_modules
-from ..layers import AddInverse, DynamicGate
+from ..layers import AddInverse, BcosConv2d, BcosLinear, DynamicGate
 from .families import attention_evidence, family_of
 
 __all__ = ['ALIVE_SPREAD', 'COVERAGE_MODELS', 'CRASHED', 'CONVERSION_ERROR', 'EXACT', 'EXACT_TOLERANCE',
@@ -89,8 +89,8 @@ def first_line(e: BaseException) -> str:
 
 def dynamic_gates(model: nn.Module) -> Tuple[Tuple[str, str], ...]:
     """Every `DynamicGate` of `model`: its path and the non-linearity it keeps (a module class, or a
-    function as ``name()``), then every branch that only feeds a gate (``bcos_cfg['gate_branches']``,
-    kept as it was: ``branch ConvNormAct``). Their values multiply features and are detached in
+    function as ``name()``), then every branch that only feeds a gate and was kept as it was
+    (``bcos_cfg['gate_branches']``: ``branch ConvBN``). Their values multiply features and are detached in
     explanation mode."""
     gates = []
     for path, m in model.named_modules():
@@ -99,7 +99,7 @@ def dynamic_gates(model: nn.Module) -> Tuple[Tuple[str, str], ...]:
             gates.append((path, what))
     modules = dict(model.named_modules())
     for path in (getattr(model, 'bcos_cfg', None) or {}).get('gate_branches', ()):
-        if path in modules:
+        if path in modules and not isinstance(modules[path], (BcosConv2d, BcosLinear)):  # B-cos layers: linear
             gates.append((path, f'branch {type(modules[path]).__name__}'))
     return tuple(gates)
 
