@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..convert import UnsupportedModuleError, convert_to_bcos, unconverted_modules
+from ..convert.rules import is_activation, is_norm
 from ..layers import AddInverse, BcosConv2d, BcosLinear, DynamicGate
 from .families import attention_evidence, family_of
 
@@ -99,9 +100,16 @@ def dynamic_gates(model: nn.Module) -> Tuple[Tuple[str, str], ...]:
             gates.append((path, what))
     modules = dict(model.named_modules())
     for path in (getattr(model, 'bcos_cfg', None) or {}).get('gate_branches', ()):
-        if path in modules and not isinstance(modules[path], (BcosConv2d, BcosLinear)):  # B-cos layers: linear
+        if path in modules and _keeps_nonlinear(modules[path]):
             gates.append((path, f'branch {type(modules[path]).__name__}'))
     return tuple(gates)
+
+
+def _keeps_nonlinear(branch: nn.Module) -> bool:
+    """A gate branch kept as it was: it holds a plain conv / linear, a norm or an activation (a
+    branch of B-cos layers or of removed activations, now identities, is linear: not listed)."""
+    return any((isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and not isinstance(m, (BcosConv2d, BcosLinear)))
+               or is_norm(m) or is_activation(m) for m in branch.modules())
 
 
 def _inputs(batch: int, size: Tuple[int, int], dtype: torch.dtype, seed: int = 0) -> Tensor:
