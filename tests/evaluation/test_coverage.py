@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attention_net import MHANet
 from timm_bcos import convert_to_bcos
 from timm_bcos.evaluation import coverage
 from timm_bcos.evaluation.coverage import (COVERAGE_MODELS, CRASHED, EXACT, REFUSED, CoverageResult, check_model,
@@ -59,18 +60,6 @@ def test_gates_are_listed_and_eq13_check_catches_a_nonlinearity():
     assert eq13_autograd(model, x) < 1e-12
     model.fc = nn.Sequential(nn.Softplus(), model.fc)  # not dynamic linear: the check must see it
     assert eq13_autograd(model, x) > 1e-3
-
-
-class MHANet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x):
-        t = self.conv(x).flatten(2).transpose(1, 2)
-        return self.fc(self.attn(t, t, t)[0].mean(1))
 
 
 def test_check_model_outcomes(monkeypatch):

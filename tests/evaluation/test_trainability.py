@@ -3,6 +3,7 @@ import pytest
 import timm
 from torch import nn
 
+from attention_net import MHANet
 from timm_bcos.evaluation.coverage import REFUSED
 from timm_bcos.evaluation.trainability import (TARGET_ACCURACY, TRAINED, Recipe, TrainabilityResult,
                                                check_trainability, trainability_report)
@@ -18,18 +19,6 @@ def test_converted_model_trains(name):
     assert r.outcome == TRAINED and r.img_size == 32, r.reason
     assert r.loss_end < 0.5 * r.loss_start
     assert r.accuracy >= TARGET_ACCURACY, r
-
-
-class MHANet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x):
-        t = self.conv(x).flatten(2).transpose(1, 2)
-        return self.fc(self.attn(t, t, t)[0].mean(1))
 
 
 def test_refusal_and_larger_input_are_recorded(monkeypatch):
