@@ -6,7 +6,7 @@ the stem takes the [x, 1-x] input and the classifier gets the logit bias of Eq. 
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -17,18 +17,23 @@ from .mixin import attach_bcos_mixin
 from .rewrite import convert_tree
 from .rules import ConversionContext, find_rule, is_activation, is_norm
 
-__all__ = ['convert_to_bcos', 'unconverted_modules']
+__all__ = ['convert_to_bcos', 'gate_branches', 'unconverted_modules']
+
+
+def gate_branches(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(path, module) of every branch that only feeds a gate (``bcos_cfg['gate_branches']``, e.g.
+    StarNet's ``f1`` in ``act(f1(x)) * f2(x)``): part of a gate's value, detached when explaining."""
+    modules = dict(model.named_modules())
+    paths = (getattr(model, 'bcos_cfg', None) or {}).get('gate_branches', ())
+    return [(p, modules[p]) for p in paths if p in modules]
 
 
 def unconverted_modules(model: nn.Module) -> List[str]:
     """Paths of modules a B-cos network should not contain: norms, activations (outside gates),
     max-pools, and plain convolutions / linear layers. Empty for a fully converted model. Modules
-    inside a `DynamicGate` or on a branch that only feeds one (``bcos_cfg['gate_branches']``,
-    StarNet's ``act(f1(x))``) are part of a gate's value, detached when explaining: not listed."""
-    modules = dict(model.named_modules())
-    branches = [modules[p] for p in (getattr(model, 'bcos_cfg', None) or {}).get('gate_branches', ()) if p in modules]
+    inside a `DynamicGate` or on a `gate_branches` branch are part of a gate's value: not listed."""
     gates = {id(m) for g in model.modules() if isinstance(g, DynamicGate) for m in g.modules()}
-    gates |= {id(m) for b in branches for m in b.modules()}
+    gates |= {id(m) for _, b in gate_branches(model) for m in b.modules()}
     bad = (nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Conv2d, nn.Linear)
     return [f'{path} ({type(m).__name__})' for path, m in model.named_modules()
             if id(m) not in gates and not isinstance(m, (BcosConv2d, BcosLinear))

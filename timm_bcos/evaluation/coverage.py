@@ -27,7 +27,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..convert import UnsupportedModuleError, convert_to_bcos, unconverted_modules
+from ..convert import UnsupportedModuleError, convert_to_bcos, gate_branches, unconverted_modules
 from ..convert.rules import is_activation, is_norm
 from ..layers import AddInverse, BcosConv2d, BcosLinear, DynamicGate
 from .families import attention_evidence, family_of
@@ -98,10 +98,7 @@ def dynamic_gates(model: nn.Module) -> Tuple[Tuple[str, str], ...]:
         if isinstance(m, DynamicGate):
             what = type(m.gate).__name__ if hasattr(m, 'gate') else f'{getattr(m.gate_fn, "__name__", m.gate_fn)}()'
             gates.append((path, what))
-    modules = dict(model.named_modules())
-    for path in (getattr(model, 'bcos_cfg', None) or {}).get('gate_branches', ()):
-        if path in modules and _keeps_nonlinear(modules[path]):
-            gates.append((path, f'branch {type(modules[path]).__name__}'))
+    gates += [(path, f'branch {type(b).__name__}') for path, b in gate_branches(model) if _keeps_nonlinear(b)]
     return tuple(gates)
 
 
