@@ -53,9 +53,9 @@ def _convert_exact(model: nn.Module, size: int = 8) -> nn.Module:
     return model
 
 
-def _refused(model: nn.Module, match: str) -> UnsupportedModuleError:
+def _refused(model: nn.Module, match: str, **kwargs) -> UnsupportedModuleError:
     with pytest.raises(UnsupportedModuleError, match=match) as info:
-        convert_to_bcos(model, calibrate=False)
+        convert_to_bcos(model, calibrate=False, **kwargs)
     return info.value
 
 
@@ -244,7 +244,7 @@ def test_gates_through_linear_ops():
 
 
 class StarBlock(nn.Module):
-    """StarNet: ``act(f1(x)) * f2(x)``; bounded by ReLU6 it is a gate, unbounded (GELU) a bilinear product."""
+    """StarNet: ``act(f1(x)) * f2(x)``: the side with the activation is the gate."""
 
     def __init__(self, width=4, act=nn.ReLU6):
         super().__init__()
@@ -262,7 +262,51 @@ def test_clipped_activations_are_gates():
     starnet = convert_to_bcos(timm.create_model('starnet_s050', num_classes=5), calibrate=False)
     assert type(starnet.stages[0][1].f1.conv) is nn.Conv2d  # StarNet's ConvBN gate branch is kept as it was
     assert unconverted_modules(starnet) == [] and ('stages.0.1.f1', 'branch ConvBN') in dynamic_gates(starnet)
-    _refused(_net(StarBlock(act=nn.GELU)), r"at '1'.*two input-dependent.*bounded activation")
+    _refused(_net(StarBlock(act=nn.GELU)), r"at '1'.*two input-dependent.*bounded activation", gate_rule='bounded')
+
+
+class GluBlock(nn.Module):
+    """``a(x) * b(x)`` with a non-linearity on the `gate` side's own branch (GLU, gMLP, FocalNet)."""
+
+    def __init__(self, width=4, gate='act'):
+        super().__init__()
+        self.f1, self.f2, self.gate = nn.Conv2d(width, width, 1), nn.Conv2d(width, 2 * width, 1), gate
+        self.inner = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GELU())
+        self.norm, self.h = nn.GroupNorm(1, width), nn.Conv2d(width, width, 1)
+
+    def forward(self, x):
+        u, v = self.f2(x).chunk(2, dim=1)
+        if self.gate == 'act':  # GEGLU: gelu(v) * u
+            return F.gelu(v) * u
+        if self.gate == 'norm':  # gMLP's spatial gating unit: u * proj(norm(v))
+            return u * self.h(self.norm(v))
+        if self.gate == 'deep':  # FocalNet's modulator: the non-linearity inside a module, then linear ops
+            return self.f1(x) * self.h(self.inner(v) * u.mean((2, 3), keepdim=True))
+        if self.gate == 'both':
+            return F.gelu(u) * F.silu(v)
+        return self.f1(x) * v  # neither side
+
+
+@pytest.mark.parametrize('gate', ['act', 'norm', 'deep'])
+def test_nonlinear_side_of_a_product_is_a_gate(gate):
+    model = _convert_exact(_net(GluBlock(gate=gate)))
+    x = _x()
+    with model.explanation_mode():
+        x.requires_grad_()
+        logit = model(x)[:, 0].sum()
+        w, = torch.autograd.grad(logit, x)
+    assert torch.allclose((w * x).sum((1, 2, 3)) + model.bcos_cfg['logit_bias'], model(x)[:, 0].detach(), atol=1e-10)
+    wrapped = {n: type(m.gate).__name__ if hasattr(m, 'gate') else m.gate_fn.__name__
+               for n, m in model.named_modules() if isinstance(m, DynamicGate)}
+    expected = {'act': {'1.bcos_gate_0': 'gelu'}, 'norm': {'1.h': 'Conv2d'},
+                'deep': {'1.h': 'Conv2d', '1.inner': 'Sequential'}}  # inner(v) * mean(u): a gate inside a gate
+    assert wrapped == expected[gate]
+    _refused(_net(GluBlock(gate=gate)), r"at '1'.*two input-dependent", gate_rule='bounded')
+
+
+@pytest.mark.parametrize('gate', ['both', 'neither'])
+def test_products_with_no_single_nonlinear_side_are_refused(gate):
+    _refused(_net(GluBlock(gate=gate)), r"at '1'.*two input-dependent.*activation or a norm on one side only")
 
 
 class GRNBlock(nn.Module):
@@ -364,6 +408,7 @@ TIMM_MODELS = {
     'convformer_s18': ('StarReLU', 32),  # s * relu(x) ** 2 + b
     'starnet_s050': ('ReLU6', 32),  # relu6(x1) * x2
     'tresnet_m': ('SpaceToDepth', 32),  # the stem conv takes 16 x [x, 1-x]
+    'test_mambaout': ('GatedConvBlock', 32),  # act(g) * cat(i, conv(c))
 }
 
 

@@ -40,9 +40,11 @@ def unconverted_modules(model: nn.Module) -> List[str]:
             and (isinstance(m, bad) or is_norm(m) or is_activation(m))]
 
 
-def _check_arguments(model: nn.Module, norm: str, head: str) -> None:
+def _check_arguments(model: nn.Module, norm: str, head: str, gate_rule: str) -> None:
     if norm not in ('none', 'bnu'):
         raise ValueError(f"norm must be 'none' or 'bnu', got {norm!r}")
+    if gate_rule not in ('nonlinear', 'bounded'):
+        raise ValueError(f"gate_rule must be 'nonlinear' or 'bounded', got {gate_rule!r}")
     if head not in ('auto', 'conv'):
         raise ValueError(f"head must be 'auto' or 'conv', got {head!r}")
     if not isinstance(model, nn.Module):
@@ -68,6 +70,7 @@ def convert_to_bcos(
         logit_temperature: Optional[float] = None,
         head: str = 'auto',
         strict: bool = True,
+        gate_rule: str = 'nonlinear',
         calibrate: bool = True,
         calibration_data: Optional[Tensor] = None,
 ) -> nn.Module:
@@ -87,6 +90,11 @@ def convert_to_bcos(
             before global average pooling (the v1/v2 layout).
         strict: raise `UnsupportedModuleError` for anything that would break dynamic linearity;
             False warns and leaves it.
+        gate_rule: which side of a product of two input-dependent tensors is a gate (its value
+            detached when explaining, so the product is part of ``W(x) x``, Eq. 13): 'bounded', a
+            side from a squashing or clipped activation (sigmoid, softmax, tanh, ReLU6) or a ratio;
+            'nonlinear' also the one side whose own branch has an activation or a norm (GLU-style
+            gates, gMLP, FocalNet, MambaOut). Other products are refused.
         calibrate: set every B-cos layer's output scale so that its output has unit RMS, and the
             logit temperature (unless `logit_temperature` is given) so that the logits have unit
             std, on `calibration_data` (`calibrate_scales`): the converted network starts alive
@@ -103,14 +111,14 @@ def convert_to_bcos(
         was. With ``strict=False``, what could not be converted is listed in
         ``model.bcos_cfg['unconverted']`` and every `explain` warns that the model is not exact.
     """
-    _check_arguments(model, norm, head)
+    _check_arguments(model, norm, head, gate_rule)
     if calibrate and calibration_data is None and calibration_size(model) is None:
         warnings.warn(f'convert_to_bcos: {type(model).__name__} has no pretrained_cfg input size, so its scales are '
                       f'not calibrated (an uncalibrated network may start with dead or exploding logits): pass '
                       f'calibration_data=<a batch of its inputs> to calibrate, or calibrate=False', UserWarning,
                       stacklevel=2)
         calibrate = False
-    ctx = ConversionContext.create(b, max_out, norm, strict)
+    ctx = ConversionContext.create(b, max_out, norm, strict, gate_rule)
     stems, classifier = stem_paths(model), classifier_path(model)
     before = calibration_state(model)  # B-cos layers the model had already
     try:
@@ -126,4 +134,4 @@ def convert_to_bcos(
     return attach_bcos_mixin(model, dict(
         b=b, max_out=max_out, norm=norm, in_chans=in_chans, logit_bias=logit_bias,
         logit_temperature=logit_temperature, head=head, stem=stems, classifier=classifier,
-        unconverted=list(ctx.skipped), gate_branches=sorted(ctx.exempt), calibrate=calibrate))
+        unconverted=list(ctx.skipped), gate_branches=sorted(ctx.exempt), gate_rule=gate_rule, calibrate=calibrate))

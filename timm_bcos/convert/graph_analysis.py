@@ -2,7 +2,7 @@
 
 `GraphAnalysis` finds the gates, checks that everything else keeps the network dynamic-linear
 (Eq. 13) and collects the rewrites that make it so (`Plan`): activations removed, max-pools made
-average pools, biases removed, squashing activations that gate a product kept as `DynamicGate`s.
+average pools, biases removed, the gate side of a product kept as a `DynamicGate`.
 The op classes are in `timm_bcos.convert.graph_ops`.
 """
 from __future__ import annotations
@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .graph_ops import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, GATE_FUNCTIONS, GATE_METHODS, GATE_MODULES,
-                        LINEAR_FUNCTIONS, LINEAR_METHODS, MAX_POOLS, SHAPE_ONLY, TIMM_ACTIVATION_FUNCTIONS, TIMM_GATES,
+                        LINEAR_FUNCTIONS, LINEAR_METHODS, MAX_POOLS, NORM_FUNCTIONS, SHAPE_ONLY,
+                        TIMM_ACTIVATION_FUNCTIONS, TIMM_GATES,
                         divides, filter_args, flat_nodes, is_add, is_addcmul, is_creation, is_filter, is_in_place,
                         is_power, is_product, node_label, pool_arguments, timm_functions)
-from .rules import LINEAR_UPSAMPLE_MODES, TIMM_ACTIVATION_MODULES, ConversionContext, find_rule, is_activation
+from .rules import (LINEAR_UPSAMPLE_MODES, TIMM_ACTIVATION_MODULES, ConversionContext, find_rule, is_activation,
+                    is_norm)
 from .tracing import trace_forward
 
 __all__ = ['GraphAnalysis', 'Plan', 'is_gate_module']
@@ -51,9 +53,12 @@ class GraphAnalysis:
     -- sigmoid, hard-sigmoid, softmax, tanh, a module whose output does -- or from a ratio of
     input-dependent tensors (a normalised response, GRN's ``||x|| / mean ||x||``). An argument that
     sets a module's weights per sample (`ModuleRule.weight_args`: CondConv's routing) is gated
-    likewise. A gate's value must go only into the products (weights) it gates: detached in
-    explanation mode, the product is then part of ``W(x) x`` (Eq. 13). Nodes that only feed gates
-    are exempt from the linearity checks.
+    likewise. With ``ctx.gate_rule == 'nonlinear'`` (the default) a product with no such side is
+    still gated when exactly one side's own branch has a non-linearity (an activation or a norm:
+    GLU-style ``act(g) * x``, gMLP's spatial gating, FocalNet's modulator) -- that side is the gate.
+    A gate's value must go only into the products (weights) it gates: detached in explanation mode,
+    the product is then part of ``W(x) x`` (Eq. 13). Nodes that only feed gates are exempt from the
+    linearity checks.
     """
 
     def __init__(self, module: nn.Module, graph: fx.Graph, static_inputs: Set[str], path: str,
@@ -117,8 +122,11 @@ class GraphAnalysis:
             chains = [c for c in (self._gate_chain(a) for a in operands) if c is not None]
             if node.op == 'call_module' and chains:
                 candidates[node] = chains
-            elif node.op != 'call_module' and len(chains) == 1:
-                candidates[node] = chains
+            elif node.op != 'call_module':
+                if not chains and len(operands) == 2 and self.ctx.gate_rule == 'nonlinear':
+                    chains = self._nonlinear_side(node, operands)
+                if len(chains) == 1:
+                    candidates[node] = chains
         while True:
             allowed = set(candidates) | {n for chains in candidates.values() for c in chains for n in c}
             leaking = [k for k, chains in candidates.items()
@@ -162,6 +170,32 @@ class GraphAnalysis:
                 return None
             chain.append(node)
         return chain
+
+    def _nonlinear_side(self, product: fx.Node, operands: List[fx.Node]) -> List[List[fx.Node]]:
+        """[[operand]] for the one operand of `product` whose own branch (the nodes that feed only
+        it) has an activation or a norm while the other's has none; [] if both or neither do."""
+        if operands[0] is operands[1] or any(set(a.users) != {product} for a in operands):
+            return []
+        sides = [any(self._is_nonlinear(n) for n in self._own_branch(a)) for a in operands]
+        return [[operands[sides.index(True)]]] if sum(sides) == 1 else []
+
+    def _own_branch(self, node: fx.Node) -> Set[fx.Node]:
+        """`node` and the input-dependent nodes whose every use leads only into it."""
+        branch, order = {node}, list(self.graph.nodes)
+        for n in reversed(order[:order.index(node)]):
+            if self.dynamic.get(n) and n.users and all(u in branch for u in n.users):
+                branch.add(n)
+        return branch
+
+    def _is_nonlinear(self, node: fx.Node) -> bool:
+        """An activation, a norm (a module holding one), a ratio or a power of the input."""
+        if node.op == 'call_module':
+            return any(is_activation(m) or is_norm(m) for m in self.module.get_submodule(node.target).modules())
+        method = node.op == 'call_method'
+        return (method and node.target in ACTIVATION_METHODS) or (not method and (
+            node.target in ACTIVATION_FUNCTIONS or node.target in NORM_FUNCTIONS or
+            node.target in timm_functions(*TIMM_ACTIVATION_FUNCTIONS))) or is_power(node) or (
+            divides(node) and len(self._dynamic_args(node)) == 2)
 
     def _is_gate_source(self, node: fx.Node) -> bool:
         if node.op == 'call_module':
@@ -274,8 +308,10 @@ class GraphAnalysis:
         if divides(node) and self._depends(node.args[1]):
             self._refuse(node, 'division by an input-dependent tensor')
         elif len(dynamic) >= 2:
+            either = (' or a branch with an activation or a norm on one side only' if self.ctx.gate_rule == 'nonlinear'
+                      else " (gate_rule='bounded')")
             self._refuse(node, 'a product of two input-dependent tensors that is not a gate x * g(...), g a '
-                               'bounded activation (sigmoid, softmax, tanh, ReLU6) or a ratio on one side')
+                               f'bounded activation (sigmoid, softmax, tanh, ReLU6) or a ratio on one side{either}')
 
 
 def _is_gate_call(node: fx.Node) -> bool:

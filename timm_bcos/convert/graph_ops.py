@@ -17,9 +17,9 @@ from torch import fx, nn
 
 __all__ = [
     'ACTIVATION_FUNCTIONS', 'ACTIVATION_METHODS', 'ADDS', 'GATE_FUNCTIONS', 'GATE_METHODS', 'GATE_MODULES',
-    'LINEAR_FUNCTIONS', 'LINEAR_METHODS', 'MAX_POOLS', 'POWERS', 'SHAPE_ONLY', 'TIMM_ACTIVATION_FUNCTIONS',
-    'TIMM_GATES', 'divides', 'filter_args', 'flat_nodes', 'is_add', 'is_addcmul', 'is_creation', 'is_filter',
-    'is_in_place', 'is_power', 'is_product', 'node_label', 'pool_arguments', 'timm_functions',
+    'LINEAR_FUNCTIONS', 'LINEAR_METHODS', 'MAX_POOLS', 'NORM_FUNCTIONS', 'POWERS', 'SHAPE_ONLY',
+    'TIMM_ACTIVATION_FUNCTIONS', 'TIMM_GATES', 'divides', 'filter_args', 'flat_nodes', 'is_add', 'is_addcmul',
+    'is_creation', 'is_filter', 'is_in_place', 'is_power', 'is_product', 'node_label', 'pool_arguments', 'timm_functions',
 ]
 
 
@@ -51,6 +51,9 @@ GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softmax, torch.soft
 GATE_METHODS = {'sigmoid', 'sigmoid_', 'softmax', 'tanh', 'tanh_'}
 TIMM_GATES = ('sigmoid', 'hard_sigmoid', 'hard_sigmoid_me', 'tanh')
 GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, nn.Tanh, nn.Hardtanh)  # Hardtanh: ReLU6 too
+# Functional normalisations: non-linear (a ratio of the input and its statistics).
+NORM_FUNCTIONS = {F.normalize, F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm, F.local_response_norm,
+                  *((F.rms_norm,) if hasattr(F, 'rms_norm') else ())}
 MAX_POOLS = {F.max_pool1d: F.avg_pool1d, F.max_pool2d: F.avg_pool2d, torch.max_pool2d: F.avg_pool2d,
              F.adaptive_max_pool2d: F.adaptive_avg_pool2d, F.adaptive_max_pool1d: F.adaptive_avg_pool1d}
 ADDS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, torch.subtract,

@@ -5,9 +5,10 @@ Each forward is traced with its direct submodules as leaves (`timm_bcos.convert.
 every inline operation is classified (`timm_bcos.convert.graph_analysis`): linear ops (residual
 adds, ``torch.cat``, reshapes, average pools, layer-scale products, fixed blur filters) stay;
 functional activations are removed; functional max-pools become average pools; constants added to
-input-dependent tensors (biases) are removed; a product of two input-dependent tensors whose one
-side comes from a squashing activation is a *gate* and becomes a `DynamicGate` (detached in
-explanation mode, so ``x * g(x)`` is part of ``W(x) x``, Eq. 13). Anything else cannot be shown to
+input-dependent tensors (biases) are removed; in a product of two input-dependent tensors, the side
+that comes from a squashing activation (or, by default, the one side whose own branch has an
+activation or a norm) is a *gate* and becomes a `DynamicGate` (detached in explanation mode, so
+``x * g(x)`` is part of ``W(x) x``, Eq. 13). Anything else cannot be shown to
 keep dynamic linearity and raises `UnsupportedModuleError` (or warns, ``strict=False``). Leaf
 modules are then replaced by `MODULE_RULES` (pass 2).
 """

@@ -95,16 +95,19 @@ class ConversionContext:
     norm: str
     strict: bool
     scale: Optional[str]
+    gate_rule: str = 'nonlinear'
     gates: Set[str] = field(default_factory=set)
     exempt: Set[str] = field(default_factory=set)
     journal: List[Tuple[Any, str, bool, Any]] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)  # strict=False: what was left unconverted, and why
 
     @classmethod
-    def create(cls, b: float, max_out: int, norm: str, strict: bool = True) -> 'ConversionContext':
+    def create(cls, b: float, max_out: int, norm: str, strict: bool = True,
+               gate_rule: str = 'nonlinear') -> 'ConversionContext':
         """The paper's design has no norms, so its layers need v1's output scale to train
         (``scale='auto'``); with uncentered norms (v2) the layers are unscaled."""
-        return cls(b=b, max_out=max_out, norm=norm, strict=strict, scale='auto' if norm == 'none' else None)
+        return cls(b=b, max_out=max_out, norm=norm, strict=strict, scale='auto' if norm == 'none' else None,
+                   gate_rule=gate_rule)
 
     def set(self, obj: Any, name: str, value: Any) -> None:
         """``setattr(obj, name, value)``, journaled for `undo` (the converter changes models only so)."""
@@ -265,7 +268,8 @@ MODULE_RULES: List[ModuleRule] = [
 SUPPORTED_SUMMARY = '; '.join(r.name for r in MODULE_RULES) + (
     '; inline residual adds, concatenation, reshapes, mean/sum, average pools, fixed (non-learned) '
     'filters, products with parameters or constants (layer scale), gated products x * g(...) with g a '
-    'squashing activation or a ratio (squeeze-excite, GRN); inline activations (incl. powers) and '
+    'squashing activation or a ratio (squeeze-excite, GRN) or the one side with an activation or a norm '
+    '(GLU-style, gMLP, FocalNet); inline activations (incl. powers) and '
     'biases (constants added) are removed')
 
 
