@@ -19,7 +19,8 @@ __all__ = [
     'ACTIVATION_FUNCTIONS', 'ACTIVATION_METHODS', 'ADDS', 'GATE_FUNCTIONS', 'GATE_METHODS', 'GATE_MODULES',
     'LINEAR_FUNCTIONS', 'LINEAR_METHODS', 'MAX_POOLS', 'NORM_FUNCTIONS', 'POWERS', 'SHAPE_ONLY',
     'TIMM_ACTIVATION_FUNCTIONS', 'TIMM_GATES', 'divides', 'filter_args', 'flat_nodes', 'is_add', 'is_addcmul',
-    'is_creation', 'is_filter', 'is_in_place', 'is_power', 'is_product', 'node_label', 'pool_arguments', 'timm_functions',
+    'is_creation', 'is_filter', 'is_in_place', 'is_power', 'is_product', 'node_label', 'pool_arguments',
+    'timm_functions',
 ]
 
 
