@@ -5,27 +5,29 @@ package: layers -> convert -> models / weights -> explain -> training / evaluati
 """
 from . import models  # registers the bcos_* / bcosv2_* names with timm
 from ._utils import OutputFolderError
-from .convert import UnsupportedModuleError, calibrate_scales, convert_to_bcos, unconverted_modules
+from .convert import UnsupportedModuleError, bcosify, calibrate_scales, convert_to_bcos, unconverted_modules
 from .data import create_transform, load_images
 from .explain import Explanation, check_dynamic_linearity, explain, explain_images
 from .hub import HubPublishError, publish, pull
-from .layers import (AddInverse, BatchNormUncentered2d, BcosClassifier, BcosConv2d, BcosConv2dSame, BcosConvClassifier,
-                     BcosLinear, DetachableModule, DynamicGate, GroupNormUncentered, LayerNorm2dUncentered, LogitLayer,
-                     add_inverse, explanation_mode, from_reference_layout, is_explanation_mode, to_reference_layout)
+from .layers import (ActivationGate, AddInverse, BatchNormUncentered2d, BcosClassifier, BcosConv2d, BcosConv2dSame,
+                     BcosConvClassifier, BcosLinear, DetachableModule, DynamicGate, GroupNormUncentered,
+                     LayerNorm2dUncentered, LayerNormUncentered, LogitLayer, add_inverse, explanation_mode,
+                     from_reference_layout, is_explanation_mode, to_reference_layout)
 from .models import BcosSimpleNet, CheckpointMismatchError, PretrainedWeightsError, load_model
 from .training import CheckpointError, TrainConfig, train
 
 __version__ = '0.1.0'
 
 __all__ = [
-    # convert any timm CNN (or your own), and check the result
-    'UnsupportedModuleError', 'calibrate_scales', 'convert_to_bcos', 'unconverted_modules',
+    # convert any timm CNN (or your own), and check the result; B-cosify a trained one
+    'UnsupportedModuleError', 'bcosify', 'calibrate_scales', 'convert_to_bcos', 'unconverted_modules',
     # explain
     'Explanation', 'check_dynamic_linearity', 'explain', 'explain_images', 'explanation_mode', 'is_explanation_mode',
     # layers
-    'AddInverse', 'BatchNormUncentered2d', 'BcosClassifier', 'BcosConv2d', 'BcosConv2dSame', 'BcosConvClassifier',
-    'BcosLinear', 'DetachableModule', 'DynamicGate', 'GroupNormUncentered', 'LayerNorm2dUncentered', 'LogitLayer',
-    'add_inverse', 'from_reference_layout', 'to_reference_layout',
+    'ActivationGate', 'AddInverse', 'BatchNormUncentered2d', 'BcosClassifier', 'BcosConv2d', 'BcosConv2dSame',
+    'BcosConvClassifier', 'BcosLinear', 'DetachableModule', 'DynamicGate', 'GroupNormUncentered',
+    'LayerNorm2dUncentered', 'LayerNormUncentered', 'LogitLayer', 'add_inverse', 'from_reference_layout',
+    'to_reference_layout',
     # models, images, weights
     'BcosSimpleNet', 'CheckpointMismatchError', 'PretrainedWeightsError', 'create_transform', 'load_images',
     'load_model',

@@ -17,7 +17,7 @@ from .mixin import attach_bcos_mixin
 from .rewrite import convert_tree
 from .rules import ConversionContext, find_rule, is_activation, is_norm
 
-__all__ = ['convert_to_bcos', 'gate_branches', 'unconverted_modules']
+__all__ = ['check_network', 'convert_to_bcos', 'gate_branches', 'unconverted_modules']
 
 
 def gate_branches(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -47,6 +47,11 @@ def _check_arguments(model: nn.Module, norm: str, head: str, gate_rule: str) -> 
         raise ValueError(f"gate_rule must be 'nonlinear' or 'bounded', got {gate_rule!r}")
     if head not in ('auto', 'conv'):
         raise ValueError(f"head must be 'auto' or 'conv', got {head!r}")
+    check_network(model)
+
+
+def check_network(model: nn.Module) -> None:
+    """A network (not a single layer, not already B-cos, initialised) to convert."""
     if not isinstance(model, nn.Module):
         hint = f" (build it first: timm.create_model({model!r}))" if isinstance(model, str) else ''
         raise TypeError(f'convert_to_bcos expects a network (an nn.Module), got {type(model).__name__}{hint}')

@@ -19,7 +19,7 @@ from .graph_ops import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, GATE_FUNCTIONS
                         divides, filter_args, flat_nodes, is_add, is_addcmul, is_creation, is_filter, is_in_place,
                         is_power, is_product, node_label, pool_arguments, timm_functions)
 from .rules import (LINEAR_UPSAMPLE_MODES, TIMM_ACTIVATION_MODULES, ConversionContext, find_rule, is_activation,
-                    is_norm)
+                    is_norm, keep_activation)
 from .tracing import trace_forward
 
 __all__ = ['GraphAnalysis', 'Plan', 'is_gate_module']
@@ -33,16 +33,19 @@ class Plan:
     pools. `gate_functions`: squashing activations that gate a product, made
     `DynamicGate`s. `biases`: adds of a constant to an input-dependent term and the position of
     that term (0: the first operand, 1: the second, or addcmul's product), replaced by the term.
-    `filter_biases`: functional convolutions whose constant bias is removed.
+    `filter_biases`: functional convolutions whose constant bias is removed. `kept_activations`:
+    functional activations kept (B-cosification), made `ActivationGate`s.
     """
     drop: List[fx.Node] = field(default_factory=list)
     pools: List[fx.Node] = field(default_factory=list)
     gate_functions: List[fx.Node] = field(default_factory=list)
     biases: Dict[fx.Node, int] = field(default_factory=dict)
     filter_biases: List[fx.Node] = field(default_factory=list)
+    kept_activations: List[fx.Node] = field(default_factory=list)
 
     def empty(self) -> bool:
-        return not (self.drop or self.pools or self.gate_functions or self.biases or self.filter_biases)
+        return not (self.drop or self.pools or self.gate_functions or self.biases or self.filter_biases or
+                    self.kept_activations)
 
 
 class GraphAnalysis:
@@ -222,9 +225,10 @@ class GraphAnalysis:
         target, method = node.target, node.op == 'call_method'
         if (method and target in ACTIVATION_METHODS) or (not method and (
                 target in ACTIVATION_FUNCTIONS or target in timm_functions(*TIMM_ACTIVATION_FUNCTIONS))):
-            self.plan.drop.append(node)
+            self._activation(node)
         elif not method and target in MAX_POOLS:
-            self._check_pool(node)
+            if self.ctx.max_pool != 'keep':
+                self._check_pool(node)
         elif lenient:
             return  # only feeds a gate, whose value is detached in explanation mode
         elif is_power(node):
@@ -240,6 +244,13 @@ class GraphAnalysis:
         else:
             self._refuse(node, 'this operation is not known to be linear')
 
+    def _activation(self, node: fx.Node) -> None:
+        """Removed, or kept as a gate ``x * g(x)`` (B-cosification)."""
+        if self.ctx.activations != 'keep':
+            self.plan.drop.append(node)
+        elif node.op == 'call_method' or keep_activation(node.target, self.ctx, self.path) is not None:
+            self.plan.kept_activations.append(node)
+
     def _refuse(self, node: fx.Node, reason: str) -> None:
         self.ctx.unsupported(self.path, node_label(node), reason)
 
@@ -253,13 +264,15 @@ class GraphAnalysis:
     def _check_power(self, node: fx.Node) -> None:
         """``x ** p`` with a constant exponent is an activation (StarReLU's ``relu(x) ** 2``): removed."""
         if self._dynamic_args(node) == [node.args[0]]:
-            self.plan.drop.append(node)
+            self._activation(node)
         else:
             self._refuse(node, 'a power with an input-dependent exponent is not linear')
 
     def _check_linear(self, node: fx.Node) -> None:
         target = node.target
         if is_add(node) and len(self._dynamic_args(node)) < 2:
+            if self.ctx.keep_biases:
+                return
             first = node.args[0] if node.args else node.kwargs.get('input')
             self.plan.biases[node] = 0 if self._depends(first) else 1
         elif target is F.pad and node.kwargs.get(
@@ -275,7 +288,7 @@ class GraphAnalysis:
         dynamic_factors = [k for k in ('tensor1', 'tensor2') if self._depends(args.get(k))]
         if len(dynamic_factors) == 2:
             self._refuse(node, 'a product of two input-dependent tensors that is not a gate')
-        elif not self._depends(args.get('input')) or not dynamic_factors:
+        elif (not self._depends(args.get('input')) or not dynamic_factors) and not self.ctx.keep_biases:
             self.plan.biases[node] = 1 if dynamic_factors else 0
 
     def _check_filter(self, node: fx.Node) -> None:
@@ -288,7 +301,7 @@ class GraphAnalysis:
                                'use an nn.Conv2d / nn.Linear module, which the rules make a B-cos layer')
         elif self._depends(bias):
             self._refuse(node, 'an input-dependent bias is not linear')
-        elif bias is not None:
+        elif bias is not None and not self.ctx.keep_biases:
             self.plan.filter_biases.append(node)
 
     def _learned(self, node: Any) -> bool:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
 from torch import nn
 
 from ..layers import BcosClassifier, BcosConv2d, BcosConv2dSame, BcosConvClassifier, BcosLinear
 from .rewrite import convert_tree
 from .rules import ConversionContext, UnsupportedModuleError
 
-__all__ = ['classifier_path', 'convert_head', 'convert_stem', 'reconvert_classifier', 'stem_paths']
+__all__ = ['classifier_path', 'convert_head', 'convert_stem', 'reconvert_classifier', 'set_submodule', 'stem_paths']
 
 
 def _module_path(model: nn.Module, target: Optional[nn.Module]) -> Optional[str]:
@@ -45,7 +46,7 @@ def _get_submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
         return None
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module, ctx: ConversionContext) -> None:
+def set_submodule(model: nn.Module, path: str, module: nn.Module, ctx: ConversionContext) -> None:
     parent, _, name = path.rpartition('.')
     ctx.set(model.get_submodule(parent) if parent else model, name, module)
 
@@ -73,7 +74,7 @@ def convert_stem(model: nn.Module, paths: Sequence[str], in_chans: int, ctx: Con
         else:
             new = BcosConv2d(stem_chans, conv.out_channels, conv.kernel_size, padding=conv.padding,
                              padding_mode=conv.padding_mode, **kwargs)
-        _set_submodule(model, path, new.to(device=conv.weight.device, dtype=conv.weight.dtype), ctx)
+        set_submodule(model, path, new.to(device=conv.weight.device, dtype=conv.weight.dtype), ctx)
 
 
 def convert_head(model: nn.Module, path: Optional[str], ctx: ConversionContext, head: str, logit_bias: Optional[float],
@@ -89,6 +90,8 @@ def convert_head(model: nn.Module, path: Optional[str], ctx: ConversionContext, 
     if logit_bias is None:
         logit_bias = -math.log(num_classes - 1) if num_classes > 1 else 0.0
     kwargs = dict(logit_bias=logit_bias, logit_temperature=logit_temperature, **ctx.bcos_kwargs())
+    if clf.bias is not None:
+        kwargs['bias'] = True
     if head == 'auto':
         new = BcosClassifier(clf.in_features, num_classes, **kwargs)
     else:
@@ -100,7 +103,14 @@ def convert_head(model: nn.Module, path: Optional[str], ctx: ConversionContext, 
         from timm.layers import SelectAdaptivePool2d
         ctx.set(parent, 'global_pool', SelectAdaptivePool2d(pool_type='', flatten=False))
         new = BcosConvClassifier(clf.in_features, num_classes, **kwargs)
-    _set_submodule(model, path, new.to(device=clf.weight.device, dtype=clf.weight.dtype), ctx)
+    new = new.to(device=clf.weight.device, dtype=clf.weight.dtype)
+    if ctx.copy_weights:  # B-cosification: the trained classifier (a 1x1 conv before pooling: the same map)
+        layer = new if head == 'auto' else new.fc
+        with torch.no_grad():
+            layer.weight.copy_(clf.weight.view_as(layer.weight))
+            if clf.bias is not None:
+                layer.bias.copy_(clf.bias)
+    set_submodule(model, path, new, ctx)
     return logit_bias
 
 
@@ -110,5 +120,5 @@ def reconvert_classifier(model: nn.Module, bcos_cfg: Dict[str, Any]) -> Optional
     ctx = ConversionContext.create(bcos_cfg['b'], bcos_cfg['max_out'], bcos_cfg['norm'])
     path = classifier_path(model)
     if path is not None:
-        _set_submodule(model, path, convert_tree(model.get_submodule(path), path, ctx), ctx)
+        set_submodule(model, path, convert_tree(model.get_submodule(path), path, ctx), ctx)
     return convert_head(model, path, ctx, bcos_cfg['head'], None, bcos_cfg['logit_temperature'])

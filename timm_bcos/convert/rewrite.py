@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import fx, nn
 
-from ..layers import DynamicGate
+from ..layers import ActivationGate, DynamicGate
 from .graph_analysis import GraphAnalysis, Plan
 from .graph_ops import MAX_POOLS, is_addcmul, pool_arguments
 from .rules import TRUSTED_FORWARDS, ConversionContext, find_rule, is_activation
@@ -31,7 +31,7 @@ __all__ = ['RewrittenForward', 'analyse_and_rewrite', 'convert_tree']
 
 def _rewrite(graph: fx.Graph, plan: Plan, gate_names: Dict[fx.Node, str]) -> None:
     """Apply a plan to a graph in place (biases before activations: a bias term may be one)."""
-    for node in plan.gate_functions:
+    for node in plan.gate_functions + plan.kept_activations:
         with graph.inserting_before(node):
             new = graph.call_module(gate_names[node], node.args, node.kwargs)  # softmax(x, dim) keeps its dim
         node.replace_all_uses_with(new)
@@ -123,11 +123,13 @@ def _cannot_rewrite(traces) -> Optional[str]:
 def _rewritten_graph(module: nn.Module, graph: fx.Graph, plan: Plan, ctx: ConversionContext) -> fx.GraphModule:
     """Apply `plan` to `graph`; its gate functions become `DynamicGate` children of `module` (journaled)."""
     gate_names = {}
-    for i, node in enumerate(plan.gate_functions):
-        name = f'bcos_gate_{i}'
-        if not hasattr(module, name):
-            ctx.set(module, name, DynamicGate(node.target if node.op == 'call_function' else _MethodCall(node.target)))
-        gate_names[node] = name
+    for prefix, wrap, nodes in (('bcos_gate', DynamicGate, plan.gate_functions),
+                                ('bcos_act', ActivationGate, plan.kept_activations)):
+        for i, node in enumerate(nodes):
+            name = f'{prefix}_{i}'
+            if not hasattr(module, name):
+                ctx.set(module, name, wrap(node.target if node.op == 'call_function' else _MethodCall(node.target)))
+            gate_names[node] = name
     _rewrite(graph, plan, gate_names)
     return fx.GraphModule(module, graph)
 

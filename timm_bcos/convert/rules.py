@@ -15,12 +15,15 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from torch import nn
 
-from ..layers import (AddInverse, BatchNormUncentered2d, BcosCondConv2d, BcosConv2d, BcosConv2dSame, BcosLinear,
-                      DetachableModule, DynamicGate, GroupNormUncentered, LayerNorm2dUncentered, LogitLayer)
+import torch
+
+from ..layers import (ActivationGate, AddInverse, BatchNormUncentered2d, BcosCondConv2d, BcosConv2d, BcosConv2dSame,
+                      BcosLinear, DetachableModule, DynamicGate, GroupNormUncentered, InputShift, LayerNorm2dUncentered,
+                      LayerNormUncentered, LogitLayer)
 
 __all__ = ['ConversionContext', 'LINEAR_UPSAMPLE_MODES', 'MODULE_RULES', 'ModuleRule', 'SUPPORTED_SUMMARY',
            'TIMM_ACTIVATION_MODULES', 'TRUSTED_FORWARDS', 'UnsupportedModuleError', 'find_rule', 'is_activation',
-           'is_norm', 'pair', 'timm_classes']
+           'is_norm', 'keep_activation', 'pair', 'timm_classes']
 
 
 class UnsupportedModuleError(TypeError):
@@ -88,7 +91,12 @@ def _is_linear_leaf(m: nn.Module) -> bool:
 class ConversionContext:
     """The settings of one conversion, what the fx pass found (module paths that compute a gate, kept
     as `DynamicGate`; modules that only feed a gate, exempt from the rules) and the journal of every
-    change made to the model, so that a failed conversion leaves it as it was (`undo`)."""
+    change made to the model, so that a failed conversion leaves it as it was (`undo`).
+
+    B-cosification (`timm_bcos.bcosify`) uses the same rules with the pretrained weights copied
+    (`copy_weights`, unnormalised: ``normalized=False``), and optionally the biases, activations
+    (as `ActivationGate`s), max-pools and norms (``norm='keep'``) kept.
+    """
 
     b: float
     max_out: int
@@ -96,6 +104,11 @@ class ConversionContext:
     strict: bool
     scale: Optional[str]
     gate_rule: str = 'nonlinear'
+    copy_weights: bool = False
+    normalized: bool = True
+    keep_biases: bool = False
+    activations: str = 'remove'
+    max_pool: str = 'avg'
     gates: Set[str] = field(default_factory=set)
     exempt: Set[str] = field(default_factory=set)
     journal: List[Tuple[Any, str, bool, Any]] = field(default_factory=list)
@@ -135,22 +148,38 @@ class ConversionContext:
             warnings.warn(str(err), stacklevel=3)
 
     def bcos_kwargs(self) -> Dict[str, Any]:
-        return dict(b=self.b, max_out=self.max_out, scale=self.scale)
+        unnormalised = {} if self.normalized else {'normalized': False}  # B-cosification
+        return dict(b=self.b, max_out=self.max_out, scale=self.scale, **unnormalised)
+
+
+def _copy_weights(src: nn.Module, dst: nn.Module, ctx: ConversionContext) -> nn.Module:
+    """B-cosification: the pretrained weight (and bias, where kept) into the new B-cos layer."""
+    if ctx.copy_weights:
+        with torch.no_grad():
+            dst.weight.copy_(src.weight)
+            if getattr(dst, 'bias', None) is not None:
+                dst.bias.copy_(src.bias)
+    return dst
 
 
 def _convert_conv(m: nn.Conv2d, ctx: ConversionContext, path: str) -> nn.Module:
     conv_same = timm_classes('Conv2dSame', 'Conv2dSameExport')
     kwargs = dict(stride=m.stride, dilation=m.dilation, groups=m.groups, **ctx.bcos_kwargs())
+    if ctx.keep_biases and m.bias is not None:
+        kwargs['bias'] = True
     if isinstance(m, conv_same):
         new = BcosConv2dSame(m.in_channels, m.out_channels, m.kernel_size, **kwargs)
     else:
         new = BcosConv2d(m.in_channels, m.out_channels, m.kernel_size, padding=m.padding,
                          padding_mode=m.padding_mode, **kwargs)
-    return new.to(device=m.weight.device, dtype=m.weight.dtype)
+    return _copy_weights(m, new.to(device=m.weight.device, dtype=m.weight.dtype), ctx)
 
 
 def _convert_cond_conv(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Module:
     """timm's `CondConv2d` (per-sample mixture of expert kernels) -> `BcosCondConv2d`."""
+    if ctx.copy_weights:
+        ctx.unsupported(path, type(m).__name__, 'B-cosifying CondConv expert weights is not supported')
+        return m
     dynamic = m.dynamic_padding
     new = BcosCondConv2d(m.in_channels, m.out_channels, m.kernel_size, num_experts=m.num_experts,
                          same_padding=dynamic, stride=m.stride, padding=0 if dynamic else m.padding,
@@ -159,13 +188,22 @@ def _convert_cond_conv(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Mo
 
 
 def _convert_linear(m: nn.Linear, ctx: ConversionContext, path: str) -> nn.Module:
-    return BcosLinear(m.in_features, m.out_features, **ctx.bcos_kwargs()).to(
-        device=m.weight.device, dtype=m.weight.dtype)
+    new = BcosLinear(m.in_features, m.out_features, bias=ctx.keep_biases and m.bias is not None, **ctx.bcos_kwargs())
+    return _copy_weights(m, new.to(device=m.weight.device, dtype=m.weight.dtype), ctx)
 
 
 def _convert_norm(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Module:
-    if ctx.norm == 'none':
-        return nn.Identity()
+    """The norm (removed, or uncentered), then the activation of a timm norm+act module."""
+    if ctx.norm == 'keep':
+        return m
+    new = nn.Identity() if ctx.norm == 'none' else _uncentered_norm(m, ctx, path)
+    act = getattr(m, 'act', None)
+    if ctx.activations == 'keep' and isinstance(act, nn.Module) and is_activation(act):
+        return nn.Sequential(new, _convert_activation(act, ctx, f'{path}.act'))
+    return new
+
+
+def _uncentered_norm(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Module:
     layer_norm_2d = timm_classes('LayerNorm2d', 'LayerNormAct2d', 'LayerNorm2dFp32', 'LayerNormAct2dFp32')
     if isinstance(m, nn.modules.batchnorm._BatchNorm) or type(m).__name__.startswith('FrozenBatchNorm'):
         new = BatchNormUncentered2d(m.num_features, eps=m.eps)
@@ -173,19 +211,50 @@ def _convert_norm(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Module:
         new = GroupNormUncentered(m.num_groups, m.num_channels, eps=m.eps)
     elif isinstance(m, layer_norm_2d):
         new = LayerNorm2dUncentered(m.normalized_shape[0], eps=m.eps)
+    elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+        new = LayerNormUncentered(m.normalized_shape[0], eps=m.eps, affine=m.weight is not None)
     else:
         ctx.unsupported(path, type(m).__name__, "norm='bnu' has uncentered versions of BatchNorm, "
-                                                 "GroupNorm and LayerNorm2d only")
+                                                 "GroupNorm, LayerNorm2d and LayerNorm (last dimension) only")
         return m
     weight = getattr(m, 'weight', None)
-    return new.to(device=weight.device, dtype=weight.dtype) if weight is not None else new
+    if weight is None:
+        return new
+    new = new.to(device=weight.device, dtype=weight.dtype)
+    if ctx.copy_weights:  # B-cosification: the pretrained scale (and BatchNorm's running variance)
+        with torch.no_grad():
+            new.weight.copy_(weight)
+            if getattr(new, 'running_var', None) is not None and getattr(m, 'running_var', None) is not None:
+                new.running_var.copy_(m.running_var)
+    return new
 
 
 def _convert_activation(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Module:
-    return DynamicGate(m) if path in ctx.gates else nn.Identity()
+    if path in ctx.gates:
+        return DynamicGate(m)
+    if ctx.activations == 'keep':
+        return keep_activation(m, ctx, path) or m
+    return nn.Identity()
+
+
+def keep_activation(act: Callable, ctx: ConversionContext, path: str) -> Optional[nn.Module]:
+    """An activation kept as ``x * g(x)`` (`ActivationGate`); one with ``act(0) != 0`` has no such
+    form (refused: None)."""
+    probe = torch.zeros(1)
+    try:
+        at_zero = float(act(probe))
+    except Exception:  # e.g. an activation that needs a 4-D input: it is probed by the checks
+        at_zero = 0.0
+    if at_zero != 0.0:
+        ctx.unsupported(path, getattr(act, '__name__', type(act).__name__),
+                        f'a kept activation must be 0 at 0 to be a gate x * g(x) (it is {at_zero:g})')
+        return None
+    return ActivationGate(act)
 
 
 def _convert_max_pool(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Module:
+    if ctx.max_pool == 'keep':
+        return m  # a max-pool selects one input: dynamic linear as it is
     max_pool_same, = timm_classes('MaxPool2dSame')
     if any(d != 1 for d in pair(m.dilation)):
         ctx.unsupported(path, type(m).__name__, 'a dilated max-pool has no average-pool equivalent')
@@ -197,6 +266,8 @@ def _convert_max_pool(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Mod
 
 
 def _convert_adaptive_max_pool(m: nn.Module, ctx: ConversionContext, path: str) -> nn.Module:
+    if ctx.max_pool == 'keep':
+        return m
     fast = timm_classes('FastAdaptiveMaxPool', 'FastAdaptiveAvgMaxPool')
     if isinstance(m, fast):
         fast_avg, = timm_classes('FastAdaptiveAvgPool')
@@ -242,7 +313,7 @@ class ModuleRule:
 
 MODULE_RULES: List[ModuleRule] = [
     ModuleRule('B-cos / explanation-aware module (kept)',
-               lambda m: isinstance(m, (DetachableModule, LogitLayer, AddInverse)), _keep),
+               lambda m: isinstance(m, (DetachableModule, LogitLayer, AddInverse, InputShift)), _keep),
     ModuleRule('Conv2d (incl. Conv2dSame, grouped, dilated) -> BcosConv2d',
                lambda m: isinstance(m, nn.Conv2d), _convert_conv),
     ModuleRule('CondConv2d -> BcosCondConv2d (routing detached when explaining)',

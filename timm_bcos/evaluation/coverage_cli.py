@@ -3,9 +3,11 @@
     timm-bcos coverage [--models NAME ...] [--out out/coverage.md]        # a list (default: required + extra)
     timm-bcos coverage --families [FAMILY ...] [--out out/families.md]    # the smallest model of each timm family
     timm-bcos coverage --train [--models NAME ...] [--out out/trainability.md] [--steps N --lr LR --batch-size N]
+    timm-bcos coverage --bcosify [--models NAME ...] [--img-size PX] [--out out/bcosify.md]
 
 The coverage surveys write `coverage_report` (Eq. 13 error, logit spread, gates, refusals); ``--train``
-trains each converted model briefly on digits and writes `trainability_report`. Reports are written
+trains each converted model briefly on digits and writes `trainability_report`; ``--bcosify`` checks
+`timm_bcos.bcosify` both ways (`bcosify_survey`). Reports are written
 atomically and replace only an earlier report of the same kind.
 """
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Dict, List, Optional, Sequence
 import timm
 import torch
 
+from .bcosify_survey import REPORT_TITLE as BCOSIFY_TITLE
+from .bcosify_survey import check_bcosify, write_bcosify_report
 from .coverage import COVERAGE_MODELS, EXTRA_MODELS, check_model
 from .coverage_report import REPORT_TITLE, check_report_path, write_report
 from .families import smallest_per_family
@@ -34,7 +38,11 @@ def build_coverage_parser() -> argparse.ArgumentParser:
     which.add_argument('--families', nargs='*', metavar='FAMILY',
                        help="the smallest model of each timm family (a module in timm.list_modules(); default: "
                             "all of timm's)")
-    parser.add_argument('--train', action='store_true', help='train each converted model briefly on digits')
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument('--train', action='store_true', help='train each converted model briefly on digits')
+    mode.add_argument('--bcosify', action='store_true', help='B-cosify each model: the B=1 form against the original, '
+                                                             'the B-cos form by Eq. 13')
+    parser.add_argument('--img-size', type=int, help='--bcosify: input size in px (default: each model\'s own)')
     parser.add_argument('--out', help='the report (default: out/coverage.md, out/families.md with --families, '
                                       'out/trainability.md with --train)')
     default = Recipe()
@@ -47,6 +55,8 @@ def build_coverage_parser() -> argparse.ArgumentParser:
 def _default_out(args: argparse.Namespace) -> str:
     if args.train:
         return 'out/trainability.md'
+    if args.bcosify:
+        return 'out/bcosify.md'
     return 'out/families.md' if args.families is not None else 'out/coverage.md'
 
 
@@ -79,13 +89,26 @@ def _train(names: Sequence[str], recipe: Recipe, out: str, command: str) -> None
     print(f'{sum(r.reached for r in results)}/{len(results)} reach the target accuracy; report: {out}')
 
 
+def _bcosify(names: Sequence[str], img_size: Optional[int], out: str, command: str) -> None:
+    from tqdm import tqdm
+
+    results = []
+    for name in (bar := tqdm(names, unit='model')):
+        bar.set_description(name)
+        r = check_bcosify(name, img_size)
+        results.append(r)
+        tqdm.write(f'{name:28s} {r.outcome:10s} b1={r.b1_error} eq13={r.eq13_error} spread={r.spread} {r.reason}')
+        write_bcosify_report(results, out, command)  # after every model: a partial report
+    print(f'{sum(r.ok for r in results)}/{len(results)} models B-cosify exactly; report: {out}')
+
+
 def coverage_main(argv: Optional[List[str]] = None) -> None:
     """Run `timm-bcos coverage` with `argv` (default: the command line)."""
     args = build_coverage_parser().parse_args(argv)
     if min(args.steps, args.batch_size) < 1 or args.lr <= 0:
         raise ValueError('--steps and --batch-size must be >= 1 and --lr positive')
     out = args.out or _default_out(args)
-    check_report_path(out, TRAIN_TITLE if args.train else REPORT_TITLE)  # before the survey, not after it
+    check_report_path(out, TRAIN_TITLE if args.train else BCOSIFY_TITLE if args.bcosify else REPORT_TITLE)
     torch.set_flush_denormal(True)  # untrained B-cos nets make denormals: much slower on CPU otherwise
     command = ' '.join(['timm-bcos coverage', *(sys.argv[1:] if argv is None else argv)])
     skipped: Dict[str, str] = {}
@@ -97,7 +120,9 @@ def coverage_main(argv: Optional[List[str]] = None) -> None:
     unknown = [n for n in names if not timm.is_model(n)]
     if unknown:
         raise ValueError(f'not timm models: {", ".join(unknown)} (timm.list_models() lists them)')
-    if args.train:
+    if args.bcosify:
+        _bcosify(names, args.img_size, out, command)
+    elif args.train:
         _train(names, Recipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr), out, command)
     else:
         _survey(names, out, command, unit, skipped)

@@ -5,15 +5,15 @@ from .bcos_function import from_reference_layout, to_reference_layout
 from .calibration import CalibratedConstant, calibration_keys
 from .bcos_linear import BcosLinear
 from .classifier import BcosClassifier, BcosConvClassifier
-from .encoding import AddInverse, add_inverse
+from .encoding import AddInverse, InputShift, add_inverse
 from .explain_mode import DetachableModule, explanation_mode, is_explanation_mode
-from .gate import DynamicGate
+from .gate import ActivationGate, DynamicGate
 from .logit import LogitLayer
-from .norm import BatchNormUncentered2d, GroupNormUncentered, LayerNorm2dUncentered
+from .norm import BatchNormUncentered2d, GroupNormUncentered, LayerNorm2dUncentered, LayerNormUncentered
 
 __all__ = [
-    'AddInverse', 'BatchNormUncentered2d', 'BcosClassifier', 'BcosCondConv2d', 'BcosConv2d', 'BcosConv2dSame',
-    'BcosConvClassifier', 'BcosLinear', 'CalibratedConstant', 'DetachableModule', 'DynamicGate', 'GroupNormUncentered',
-    'LayerNorm2dUncentered', 'LogitLayer', 'add_inverse', 'calibration_keys', 'explanation_mode',
-    'from_reference_layout', 'is_explanation_mode', 'to_reference_layout',
+    'ActivationGate', 'AddInverse', 'BatchNormUncentered2d', 'BcosClassifier', 'BcosCondConv2d', 'BcosConv2d',
+    'BcosConv2dSame', 'BcosConvClassifier', 'BcosLinear', 'CalibratedConstant', 'DetachableModule', 'DynamicGate',
+    'GroupNormUncentered', 'InputShift', 'LayerNorm2dUncentered', 'LayerNormUncentered', 'LogitLayer', 'add_inverse',
+    'calibration_keys', 'explanation_mode', 'from_reference_layout', 'is_explanation_mode', 'to_reference_layout',
 ]

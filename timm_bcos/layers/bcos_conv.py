@@ -12,7 +12,7 @@ from torch.nn.modules.utils import _pair
 from .bcos_function import ConvGeometry, bcos_apply
 from .calibration import CalibratedConstant
 from .explain_mode import DetachableModule
-from .helpers import check_b_max_out, check_input, resolve_scale
+from .helpers import check_b_max_out, check_input, check_unnormalised, gain_and_bias, resolve_scale
 
 __all__ = ['BcosConv2d', 'BcosConv2dSame']
 
@@ -34,6 +34,10 @@ class BcosConv2d(CalibratedConstant, DetachableModule):
             (``k * sqrt(C_in) / 100`` for a square kernel), which norm-free B-cos networks need to
             train at all; ``None`` means 1 (networks with norm layers, the v2 design).
         scale_factor: the divisor in the ``'auto'`` scale.
+        normalized: unit-norm weights (the paper); False keeps their norm, ``(w·x) |cos|^(B-1)``
+            (B-cosification: at B=1 the plain convolution; needs ``max_out=1``).
+        bias: add a learned bias (B-cosification's function-preserving B=1 form only: a bias
+            breaks dynamic linearity).
 
     `timm_bcos.calibrate_scales` (default in `convert_to_bcos`) may set ``scale`` from data; a
     calibrated scale is saved in the state dict (`CalibratedConstant`).
@@ -58,6 +62,8 @@ class BcosConv2d(CalibratedConstant, DetachableModule):
             max_out: int = 2,
             scale: Union[float, str, None] = 'auto',
             scale_factor: float = 100.0,
+            normalized: bool = True,
+            bias: bool = False,
             device=None,
             dtype=None,
     ) -> None:
@@ -68,6 +74,7 @@ class BcosConv2d(CalibratedConstant, DetachableModule):
         if padding_mode not in _PADDING_MODES:
             raise ValueError(f'padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}')
         check_b_max_out(b, max_out)
+        check_unnormalised(normalized, max_out)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
@@ -78,11 +85,12 @@ class BcosConv2d(CalibratedConstant, DetachableModule):
         self.padding_mode = padding_mode
         self.b = float(b)
         self.max_out = max_out
+        self.normalized = normalized
         fan_in = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
         self.scale = resolve_scale(scale, fan_in, scale_factor)
         self.weight = nn.Parameter(torch.empty(
             (out_channels * max_out, in_channels // groups) + self.kernel_size, device=device, dtype=dtype))
-        self.register_parameter('bias', None)
+        self.bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype)) if bias else None
         self._pad, conv_padding = self._resolve_padding()
         self._geometry = ConvGeometry(self.kernel_size, self.stride, conv_padding, self.dilation, groups)
         self.reset_parameters()
@@ -114,8 +122,8 @@ class BcosConv2d(CalibratedConstant, DetachableModule):
         if self._pad is not None:
             mode = 'constant' if self.padding_mode == 'zeros' else self.padding_mode
             x = F.pad(x, self._pad, mode=mode)
-        return bcos_apply(x, self.weight, self._geometry, self.max_out, self.b, self.scale,
-                          self.detach_dynamic)
+        out = bcos_apply(x, self.weight, self._geometry, self.max_out, self.b, self.scale, self.detach_dynamic)
+        return gain_and_bias(out, self.weight, self.bias, self.normalized, 1)
 
     def extra_repr(self) -> str:
         s = f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}'
@@ -127,7 +135,8 @@ class BcosConv2d(CalibratedConstant, DetachableModule):
             s += f', groups={self.groups}'
         if self.padding_mode != 'zeros':
             s += f', padding_mode={self.padding_mode}'
-        return s + f', b={self.b:g}, max_out={self.max_out}, scale={self.scale:.4g}'
+        s += f', b={self.b:g}, max_out={self.max_out}, scale={self.scale:.4g}'
+        return s + ('' if self.normalized else ', normalized=False') + ('' if self.bias is None else ', bias=True')
 
 
 class BcosConv2dSame(BcosConv2d):

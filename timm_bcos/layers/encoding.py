@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ['AddInverse', 'add_inverse']
+__all__ = ['AddInverse', 'InputShift', 'add_inverse']
 
 
 def add_inverse(x: Tensor, dim: int = 1) -> Tensor:
@@ -47,3 +47,23 @@ class AddInverse(nn.Module):
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}'
+
+
+class InputShift(nn.Module):
+    """``x - shift`` per channel: the image mean of a pretrained model, in the [x, 1-x] encoding.
+
+    Used only by B-cosification's function-preserving B=1 form (`timm_bcos.bcosify`), in front of
+    the stem: zero padding of the shifted input is then the original model's zero padding of its
+    normalised input, so the form computes exactly the original logits. It is a constant offset,
+    removed with the other biases in the B-cos form.
+    """
+
+    def __init__(self, shift: Tensor) -> None:
+        super().__init__()
+        self.register_buffer('shift', shift.detach().clone().view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x - self.shift.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f'channels={self.shift.shape[1]}'

@@ -4,11 +4,12 @@ from __future__ import annotations
 import math
 from typing import Optional, Union
 
+import torch
 from torch import Tensor, nn
 
 from .bcos_function import default_scale
 
-__all__ = ['check_b_max_out', 'check_input', 'resolve_scale']
+__all__ = ['check_b_max_out', 'check_input', 'check_unnormalised', 'gain_and_bias', 'resolve_scale']
 
 
 def check_input(x: Tensor, layer: nn.Module, channel_dim: int, expected: int, rank: Optional[int]) -> None:
@@ -35,6 +36,23 @@ def check_b_max_out(b: float, max_out: int) -> None:
         raise ValueError(f'B must be a real number >= 1, got {b!r}')
     if not (isinstance(max_out, int) and max_out >= 1):
         raise ValueError(f'max_out must be a positive int, got {max_out!r}')
+
+
+def check_unnormalised(normalized: bool, max_out: int) -> None:
+    if not normalized and max_out != 1:
+        raise ValueError(f'unnormalised weights (normalized=False) need max_out=1, got max_out={max_out}')
+
+
+def gain_and_bias(out: Tensor, weight: Tensor, bias: Optional[Tensor], normalized: bool, channel_dim: int) -> Tensor:
+    """B-cosification's layer from the unit-norm one: times ``||w||`` per output when the weights
+    are not normalised (``(w·x) |cos(x, w)|^(B-1)``, the plain layer at B=1), plus the bias if any."""
+    if normalized and bias is None:
+        return out
+    shape = [1] * out.dim()
+    shape[channel_dim] = -1
+    if not normalized:
+        out = out * torch.linalg.vector_norm(weight.flatten(1), dim=1).to(out.dtype).view(shape)
+    return out if bias is None else out + bias.to(out.dtype).view(shape)
 
 
 def resolve_scale(scale: Union[float, str, None], fan_in: int, scale_factor: float) -> float:
