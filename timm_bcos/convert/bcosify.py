@@ -22,8 +22,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..layers import BatchNormUncentered2d, BcosConv2d, BcosConv2dSame, InputShift
-from .calibrate import calibrate_scales, calibration_batch, calibration_size
+from ..layers import BcosConv2d, BcosConv2dSame, InputShift
+from .calibrate import calibrate_scales, calibration_size
 from .converter import check_network
 from .heads import classifier_path, convert_head, set_submodule, stem_paths
 from .mixin import attach_bcos_mixin
@@ -76,36 +76,12 @@ def _fold_stem(conv: BcosConv2d, mean: Tuple[float, ...], std: Tuple[float, ...]
     return nn.Sequential(InputShift(encoded_mean), new)
 
 
-def _reestimate_norms(model: nn.Module, data: Tensor) -> None:
-    """Running variances of the uncentered BatchNorms from one train-mode pass over `data` (the
-    pretrained ones describe the original network's features, not the B-cos network's)."""
-    norms = [m for m in model.modules() if isinstance(m, BatchNormUncentered2d) and m.track_running_stats]
-    if not norms:
-        return
-    was_training, momenta = model.training, [m.momentum for m in norms]
-    try:
-        model.eval()
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # the running variance is the batch's
-            m.train()
-        with torch.no_grad():
-            model(data)
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.train(was_training)
-
-
 def recalibrate(model: nn.Module, data: Optional[Tensor] = None, in_chans: int = 6) -> None:
-    """Make a B-cosified network start alive: every B-cos layer's output to unit RMS
-    (`calibrate_scales`), the BatchNorm running variances re-estimated, then the logit
-    temperature for unit logit spread. Without this, B=2 shrinks the signal by ``|cos|`` at every
-    layer and stale running variances do not undo it: a deep network's logits underflow to 0."""
-    data = calibration_batch(model, in_chans=in_chans) if data is None else data
-    calibrate_scales(model, data, temperature=False, in_chans=in_chans)
-    _reestimate_norms(model, data)
-    calibrate_scales(model, data, layers=[], temperature=True, in_chans=in_chans)
+    """Make a B-cosified network start alive, in one pass over `data` (`calibrate_scales`): every
+    B-cos layer's output to unit RMS, the BatchNorm running variances re-estimated, the logit
+    temperature for unit logit spread. Without it, B=2 shrinks the signal by ``|cos|`` at every
+    layer and the pretrained running variances do not undo it: deep networks' logits underflow."""
+    calibrate_scales(model, data, in_chans=in_chans, norm_statistics=True)
 
 
 def _fold_stems(model: nn.Module, paths: Sequence[str], mean: Tuple[float, ...], std: Tuple[float, ...], shift: bool,

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..layers import AddInverse, BcosConv2d, BcosLinear, CalibratedConstant, LogitLayer
+from ..layers import AddInverse, BatchNormUncentered2d, BcosConv2d, BcosLinear, CalibratedConstant, LogitLayer
 
 __all__ = ['CalibrationResult', 'calibrate_scales', 'calibration_batch', 'calibration_size', 'calibration_state',
            'restore_calibration_state']
@@ -83,7 +83,8 @@ def _rms(t: Tensor) -> float:
 
 
 def calibrate_scales(model: nn.Module, data: Optional[Tensor] = None, *, layers: Optional[Sequence[str]] = None,
-                     temperature: bool = True, in_chans: Optional[int] = None) -> CalibrationResult:
+                     temperature: bool = True, in_chans: Optional[int] = None,
+                     norm_statistics: bool = False) -> CalibrationResult:
     """Set each B-cos layer's output scale (in forward order) so its output has unit RMS on `data`,
     then the logit temperature so the logits have unit std net of their bias.
 
@@ -94,6 +95,9 @@ def calibrate_scales(model: nn.Module, data: Optional[Tensor] = None, *, layers:
             as they are), e.g. a new classifier after ``reset_classifier``. Default: all.
         temperature: also set the temperature of every `LogitLayer` that has none of its own.
         in_chans: the model's input channels (default: ``bcos_cfg['in_chans']`` or the first conv's).
+        norm_statistics: also re-estimate the running variances of the `BatchNormUncentered2d`
+            layers in the same pass (each from the batch, on the rescaled features it normalises;
+            B-cosification: the pretrained ones describe another network).
 
     One forward pass (eval mode, no gradients); the model's mode is restored. Layers the batch
     does not reach (a train-only auxiliary head) keep their scale and are listed in the result.
@@ -108,13 +112,21 @@ def calibrate_scales(model: nn.Module, data: Optional[Tensor] = None, *, layers:
     result = CalibrationResult()
     handles = _install_hooks(targets, logits, result)
     was_training = model.training
+    norms = [m for m in model.modules() if isinstance(m, BatchNormUncentered2d) and m.track_running_stats]
+    momenta = [m.momentum for m in norms] if norm_statistics else []
     try:
         with torch.no_grad():
             model.eval()
+            for m in norms[:len(momenta)]:  # batch statistics, which become the running ones
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
             model(data)
     finally:
         for h in handles:
             h.remove()
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
         model.train(was_training)
     result.unreached = [p for p in targets if p not in result.scales]
     return result

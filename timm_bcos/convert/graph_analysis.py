@@ -15,9 +15,9 @@ from torch import fx, nn
 
 from .graph_ops import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, GATE_FUNCTIONS, GATE_METHODS, GATE_MODULES,
                         LINEAR_FUNCTIONS, LINEAR_METHODS, MAX_POOLS, NORM_FUNCTIONS, SHAPE_ONLY,
-                        TIMM_ACTIVATION_FUNCTIONS, TIMM_GATES,
-                        divides, filter_args, flat_nodes, is_add, is_addcmul, is_creation, is_filter, is_in_place,
-                        is_power, is_product, node_label, pool_arguments, timm_functions)
+                        TIMM_ACTIVATION_FUNCTIONS, TIMM_GATES, divides, filter_args, flat_nodes, is_add, is_addcmul,
+                        is_creation, is_filter, is_in_place, is_power, is_product, node_label, pool_arguments,
+                        timm_functions)
 from .rules import (LINEAR_UPSAMPLE_MODES, TIMM_ACTIVATION_MODULES, ConversionContext, find_rule, is_activation,
                     is_norm, keep_activation)
 from .tracing import trace_forward

@@ -24,7 +24,6 @@ from ..layers import ActivationGate, DynamicGate
 from .graph_analysis import GraphAnalysis, Plan
 from .graph_ops import MAX_POOLS, is_addcmul, pool_arguments
 from .rules import TRUSTED_FORWARDS, ConversionContext, find_rule, is_activation
-from .tracing import trace_forwards
 
 __all__ = ['RewrittenForward', 'analyse_and_rewrite', 'convert_tree']
 
@@ -79,7 +78,7 @@ def analyse_and_rewrite(module: nn.Module, path: str, ctx: ConversionContext, me
     if method == 'forward' and type(module).forward is nn.Sequential.forward:
         return  # a plain chain of its children
     try:
-        traces = {mode: trace_forwards(module, mode, method) for mode in (False, True)}
+        traces = {mode: ctx.traces.trace_forwards(module, mode, method) for mode in (False, True)}
     except Exception as e:  # untraceable python control flow, unsupported constructs
         ctx.unsupported(path, type(module).__name__, f'torch.fx cannot trace its forward ({type(e).__name__}: '
                                                      f'{str(e).splitlines()[0] if str(e) else ""})')

@@ -13,13 +13,13 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from torch import nn
-
 import torch
+from torch import nn
 
 from ..layers import (ActivationGate, AddInverse, BatchNormUncentered2d, BcosCondConv2d, BcosConv2d, BcosConv2dSame,
                       BcosLinear, DetachableModule, DynamicGate, GroupNormUncentered, InputShift, LayerNorm2dUncentered,
                       LayerNormUncentered, LogitLayer)
+from .tracing import TraceCache
 
 __all__ = ['ConversionContext', 'LINEAR_UPSAMPLE_MODES', 'MODULE_RULES', 'ModuleRule', 'SUPPORTED_SUMMARY',
            'TIMM_ACTIVATION_MODULES', 'TRUSTED_FORWARDS', 'UnsupportedModuleError', 'find_rule', 'is_activation',
@@ -110,6 +110,7 @@ class ConversionContext:
     activations: str = 'remove'
     max_pool: str = 'avg'
     gates: Set[str] = field(default_factory=set)
+    traces: TraceCache = field(default_factory=TraceCache)
     exempt: Set[str] = field(default_factory=set)
     journal: List[Tuple[Any, str, bool, Any]] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)  # strict=False: what was left unconverted, and why

@@ -4,17 +4,22 @@ Each forward is traced with its direct submodules as leaves. A forward whose sig
 input is a list (or tuple, sequence) of tensors (``SelecSlsBlock``: ``x[0]``, ``x[1]``), which fx
 cannot trace with one symbolic input, is also traced with a list of symbolic tensors, once per
 length that traces: the analysis then covers every form of the input.
+
+Structurally identical modules (a network's 58 DenseLayers) have the same traces: `TraceCache`
+traces each structure once per mode (fx's tracer costs ~20 ms a call, whatever the module).
 """
 from __future__ import annotations
 
+import copy
 import inspect
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Set, Tuple
 
+import torch
 from torch import fx, nn
 
 from .graph_ops import TIMM_ACTIVATION_FUNCTIONS, timm_functions
 
-__all__ = ['LIST_LENGTHS', 'Trace', 'trace_forward', 'trace_forwards']
+__all__ = ['LIST_LENGTHS', 'Trace', 'TraceCache', 'trace_forward', 'trace_forwards']
 
 # The list lengths tried for a forward that takes a list input.
 LIST_LENGTHS = (1, 2, 3, 4)
@@ -106,3 +111,49 @@ def trace_forwards(module: nn.Module, training: bool, method: str = 'forward') -
     if not traces + lists:
         raise error
     return traces + lists, bool(lists)
+
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {'training'}  # parameter / buffer / child / hook dicts
+
+
+def _value_key(value: Any) -> Hashable:
+    """What a traced forward can see of an attribute value: constants by value, tensors by shape and
+    dtype, anything else by identity (never shared by two modules unless it is the same object)."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value).__name__, tuple(_value_key(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return 'tensor', tuple(value.shape), value.dtype
+    return 'id', id(value)
+
+
+def structure_key(module: nn.Module) -> Hashable:
+    """What a module's own forward, traced with its children as leaves, depends on: its class,
+    attribute values and tensor shapes, and its submodule tree's names, classes and flags (bool /
+    str / None attributes). Two modules with the same key trace to the same graph. Children's
+    sizes (channel counts, weight shapes) are left out: a forward refers to a child's tensors by
+    name and calls the child, it does not read its sizes (timm's forwards do not)."""
+    def own(m: nn.Module, everything: bool) -> Hashable:
+        attrs = tuple(sorted((k, _value_key(v)) for k, v in vars(m).items() if k not in _MODULE_INTERNALS and (
+            everything or v is None or isinstance(v, (bool, str)))))
+        tensors = tuple((k, _value_key(t) if everything else t is None)
+                        for k, t in (*m._parameters.items(), *m._buffers.items()))
+        return type(m), attrs, tensors, tuple(m._modules)
+
+    return tuple((name, own(m, not name)) for name, m in module.named_modules(remove_duplicate=False))
+
+
+class TraceCache:
+    """`trace_forwards` once per module structure (`structure_key`) and mode; each lookup returns a
+    copy of the graphs (the fx pass rewrites them in place)."""
+
+    def __init__(self) -> None:
+        self._traces: Dict[Hashable, Tuple[List[Trace], bool]] = {}
+
+    def trace_forwards(self, module: nn.Module, training: bool, method: str = 'forward') -> Tuple[List[Trace], bool]:
+        key = (structure_key(module), training, method)
+        if key not in self._traces:
+            self._traces[key] = trace_forwards(module, training, method)
+        traces, is_list = self._traces[key]
+        return [(copy.deepcopy(graph), set(specialised)) for graph, specialised in traces], is_list
