@@ -85,7 +85,8 @@ def test_bcos_form_is_dynamic_linear_and_alive():
     assert 0.1 < spread < 10
 
 
-@pytest.mark.parametrize('name,size', [('resnet18', 32), ('test_efficientnet', 32), ('test_convnext', 32)])
+@pytest.mark.parametrize('name,size', [('resnet18', 32), ('test_efficientnet', 32), ('test_convnext', 32),
+                                       ('test_nfnet', 32)])  # weight-standardised convs
 def test_timm_models(name, size):
     model = _trained_like(timm.create_model(name, num_classes=5), size)
     cfg = model.pretrained_cfg

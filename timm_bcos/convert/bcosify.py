@@ -22,8 +22,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..layers import BcosConv2d, BcosConv2dSame, InputShift
-from .calibrate import calibrate_scales, calibration_size
+from ..layers import BcosConv2d, BcosConv2dSame, BcosLinear, InputShift
+from .calibrate import calibrate_scales, calibration_batch, calibration_size
 from .converter import check_network
 from .heads import classifier_path, convert_head, set_submodule, stem_paths
 from .mixin import attach_bcos_mixin
@@ -79,8 +79,10 @@ def _fold_stem(conv: BcosConv2d, mean: Tuple[float, ...], std: Tuple[float, ...]
 def recalibrate(model: nn.Module, data: Optional[Tensor] = None, in_chans: int = 6) -> None:
     """Make a B-cosified network start alive, in one pass over `data` (`calibrate_scales`): every
     B-cos layer's output to unit RMS, the BatchNorm running variances re-estimated, the logit
-    temperature for unit logit spread. Without it, B=2 shrinks the signal by ``|cos|`` at every
+    temperature for unit logit spread (default data: 16 noise images; 4 give running variances
+    that do not generalise: spread 50 on other images). Without it, B=2 shrinks the signal by ``|cos|`` at every
     layer and the pretrained running variances do not undo it: deep networks' logits underflow."""
+    data = calibration_batch(model, batch_size=16, in_chans=in_chans) if data is None else data
     calibrate_scales(model, data, in_chans=in_chans, norm_statistics=True)
 
 
@@ -150,7 +152,8 @@ def bcosify(
             before global average pooling (B-cosification's torchvision models; needs the
             classifier right after timm's global pool).
         normalized: unit-norm weights (the paper); False keeps the weights' norms (B-cosification).
-        logit_bias: the bias b of Eq. 16; default -log(C - 1) (0 with `preserve_function`).
+        logit_bias: the bias b of Eq. 16 for a Linear classifier; default -log(C - 1) (0 with
+            `preserve_function`). A conv classifier (timm's ``use_conv`` heads) gets none.
         mean, std: the images' normalisation the model was trained with; default its
             ``pretrained_cfg``'s.
         strict: as in `convert_to_bcos`.
@@ -178,7 +181,8 @@ def bcosify(
     try:
         convert_tree(model, '', ctx)
         _fold_stems(model, stems, mean, std, preserve_function, ctx)
-        logit_bias = convert_head(model, classifier, ctx, head, logit_bias, None)
+        linear_head = classifier is not None and isinstance(model.get_submodule(classifier), BcosLinear)
+        logit_bias = convert_head(model, classifier, ctx, head, logit_bias if linear_head else None, None)
         if calibrate and not preserve_function:
             recalibrate(model, calibration_data, 2 * len(mean))
     except BaseException:

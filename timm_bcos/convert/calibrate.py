@@ -28,10 +28,13 @@ _State = Tuple[CalibratedConstant, Optional[float], bool, Optional[float]]
 @dataclass
 class CalibrationResult:
     """What `calibrate_scales` set: the new scale of each B-cos layer (by path), the logit temperature
-    (None if the model has no logit map or keeps a given temperature), layers the batch never reached."""
+    (None if the model has no logit map or keeps a given temperature), layers the batch never reached,
+    and layers whose output was exactly 0 (zero-initialised weights, or fed by such a layer: a
+    pretrained NF-net's block before training), which keep their scale."""
     scales: Dict[str, float] = field(default_factory=dict)
     temperature: Optional[float] = None
     unreached: List[str] = field(default_factory=list)
+    zero_output: List[str] = field(default_factory=list)
 
 
 def calibration_size(model: nn.Module) -> Optional[Tuple[int, int]]:
@@ -76,6 +79,9 @@ def _check_batch(x: Tensor, in_chans: int) -> None:
         raise ValueError(f'calibration_data must have shape (N, {in_chans}, H, W), got {tuple(x.shape)}.{hint}')
     if not torch.isfinite(x).all():
         raise ValueError('calibration_data contains NaN or inf')
+    if not x.any():
+        raise ValueError('calibration_data is all zeros: every layer output would be 0 (expected images, encoded '
+                         'as the model takes them)')
 
 
 def _rms(t: Tensor) -> float:
@@ -128,7 +134,7 @@ def calibrate_scales(model: nn.Module, data: Optional[Tensor] = None, *, layers:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         model.train(was_training)
-    result.unreached = [p for p in targets if p not in result.scales]
+    result.unreached = [p for p in targets if p not in result.scales and p not in result.zero_output]
     return result
 
 
@@ -143,9 +149,12 @@ def _install_hooks(targets: Dict[str, nn.Module], logits: Dict[str, LogitLayer],
         if path in result.scales:
             return out
         rms = _rms(out)
-        if not (math.isfinite(rms) and rms > 0):
+        if rms == 0:  # nothing to scale
+            result.zero_output.append(path)
+            return out
+        if not math.isfinite(rms):
             raise RuntimeError(f'cannot calibrate {path or "<root>"} ({type(layer).__name__}): its output RMS on the '
-                               f'calibration batch is {rms}; check the input (all zeros?) or pass calibration_data')
+                               f'calibration batch is {rms}; check the input (NaN, inf?) or pass calibration_data')
         layer.set_calibrated(layer.scale * rms)
         result.scales[path] = layer.scale
         return out / rms

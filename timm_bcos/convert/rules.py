@@ -153,11 +153,21 @@ class ConversionContext:
         return dict(b=self.b, max_out=self.max_out, scale=self.scale, **unnormalised)
 
 
+def effective_weight(m: nn.Module) -> torch.Tensor:
+    """The weight a conv applies: timm's weight-standardised convs (NF-nets' ``StdConv2d``,
+    ``ScaledStdConv2d`` and their 'Same' forms) standardise theirs per output in the forward."""
+    if type(m).__name__ not in ('StdConv2d', 'StdConv2dSame', 'ScaledStdConv2d', 'ScaledStdConv2dSame'):
+        return m.weight
+    gain = (m.gain * m.scale).view(-1) if getattr(m, 'gain', None) is not None else None
+    return torch.nn.functional.batch_norm(m.weight.reshape(1, m.out_channels, -1), None, None, weight=gain,
+                                          training=True, momentum=0., eps=m.eps).reshape_as(m.weight)
+
+
 def _copy_weights(src: nn.Module, dst: nn.Module, ctx: ConversionContext) -> nn.Module:
     """B-cosification: the pretrained weight (and bias, where kept) into the new B-cos layer."""
     if ctx.copy_weights:
         with torch.no_grad():
-            dst.weight.copy_(src.weight)
+            dst.weight.copy_(effective_weight(src))
             if getattr(dst, 'bias', None) is not None:
                 dst.bias.copy_(src.bias)
     return dst
@@ -168,7 +178,7 @@ def _convert_conv(m: nn.Conv2d, ctx: ConversionContext, path: str) -> nn.Module:
     kwargs = dict(stride=m.stride, dilation=m.dilation, groups=m.groups, **ctx.bcos_kwargs())
     if ctx.keep_biases and m.bias is not None:
         kwargs['bias'] = True
-    if isinstance(m, conv_same):
+    if isinstance(m, conv_same) or getattr(m, 'same_pad', False):  # incl. timm's StdConv2dSame
         new = BcosConv2dSame(m.in_channels, m.out_channels, m.kernel_size, **kwargs)
     else:
         new = BcosConv2d(m.in_channels, m.out_channels, m.kernel_size, padding=m.padding,
