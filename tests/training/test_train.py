@@ -351,6 +351,32 @@ def test_conventional_baseline_with_cross_entropy(tmp_path):
         assert torch.equal(loaded(x), reference(x))
 
 
+def test_bcosify_a_trained_model_and_fine_tune(tmp_path):
+    """A conventional model trained here, loaded back through timm's local-dir: path, B-cosified
+    (its config.json says it took unnormalised images) and fine-tuned with B ramped from 1 to 2."""
+    source = tmp_path / 'conventional'
+    train(_cfg(source, model='resnet10t', model_kwargs={}, loss='ce', max_steps=3, lr=1e-3))
+    _reset_accelerate()
+    out = tmp_path / 'bcosified'
+    seen = []
+    real_set_b = timm_bcos.training.loop.set_b
+
+    def recording_set_b(model, b):
+        seen.append(b)
+        real_set_b(model, b)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(timm_bcos.training.loop, 'set_b', recording_set_b)
+        results = train(_cfg(out, model=f'local-dir:{source}', pretrained=True, model_kwargs={}, bcosify={},
+                             b_warmup_epochs=1, epochs=2, lr=1e-3))
+    assert seen[0] == 1.0 and seen[STEPS_PER_EPOCH] == 2.0 and seen[STEPS_PER_EPOCH // 2] == 1.5
+    assert results['step'] == 2 * STEPS_PER_EPOCH and results['test_images'] == 297
+    config = json.loads((out / 'results.json').read_text())
+    assert config['data']['in_chans'] == 6 and config['config']['bcosify'] == {}
+    with pytest.raises(ValueError, match='b_warmup_epochs'):
+        TrainConfig(b_warmup_epochs=1)  # a ramp needs a B-cosified model
+
+
 def test_cli(tmp_path, capsys):
     out = tmp_path / 'out'
     results = main(['--data', 'digits', '--img-size', '16', '--model-kwargs', 'widths=[8,8,16,16,16,32,32,32]',

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import BcosConv2d, BcosConv2dSame, BcosLinear, InputShift
+from ..layers.helpers import check_b_max_out
 from .calibrate import calibrate_scales, calibration_batch, calibration_size
 from .converter import check_network
 from .heads import classifier_path, convert_head, set_submodule, stem_paths
@@ -30,7 +31,7 @@ from .mixin import attach_bcos_mixin
 from .rewrite import convert_tree
 from .rules import ConversionContext, UnsupportedModuleError
 
-__all__ = ['bcosify', 'input_normalisation']
+__all__ = ['bcosify', 'input_normalisation', 'set_b']
 
 
 def input_normalisation(model: nn.Module, mean: Optional[Sequence[float]] = None,
@@ -74,6 +75,14 @@ def _fold_stem(conv: BcosConv2d, mean: Tuple[float, ...], std: Tuple[float, ...]
         return new
     encoded_mean = torch.tensor([mean, [1 - m for m in mean]], dtype=conv.weight.dtype).flatten().repeat(blocks)
     return nn.Sequential(InputShift(encoded_mean), new)
+
+
+def set_b(model: nn.Module, b: float) -> None:
+    """Set the exponent B of every B-cos layer (a fine-tuning ramp from B=1 to the target B)."""
+    check_b_max_out(b, 1)
+    for m in model.modules():
+        if isinstance(m, (BcosConv2d, BcosLinear)):
+            m.b = float(b)
 
 
 def recalibrate(model: nn.Module, data: Optional[Tensor] = None, in_chans: int = 6) -> None:

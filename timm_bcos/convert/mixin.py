@@ -71,6 +71,8 @@ def attach_bcos_mixin(model: nn.Module, bcos_cfg: Dict[str, Any]) -> nn.Module:
     if not isinstance(model, BcosModelMixin):
         model.__class__ = bcos_class(type(model))
     model.bcos_cfg = dict(bcos_cfg)
+    if isinstance(getattr(model, 'in_chans', None), int):  # timm's input config reads it (data configs, export)
+        model.in_chans = bcos_cfg['in_chans']
     cfg = getattr(model, 'pretrained_cfg', None)
     if isinstance(cfg, dict):
         cfg = copy.deepcopy(cfg)

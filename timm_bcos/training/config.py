@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['LOSSES', 'PRECISIONS', 'RESUME_FREE', 'SCHEDULES', 'ModelInput', 'TrainConfig', 'loss_function',
+__all__ = ['LOSSES', 'PRECISIONS', 'RESUME_FREE', 'SCHEDULES', 'ModelInput', 'TrainConfig', 'b_factor', 'loss_function',
            'lr_factor', 'model_input']
 
 SCHEDULES = ('step', 'cosine', 'constant')
@@ -38,6 +38,12 @@ class TrainConfig:
         auto_augment: image folders only: timm's auto-augment string, e.g. ``'rand-m9-mstd0.5'``
             (RandAugment, used by the paper).
         num_workers: DataLoader worker processes per training process.
+        bcosify: B-cosify the (pretrained) model before training (`timm_bcos.bcosify`, recalibrated
+            on 16 training images): None (default) no; a dict of `bcosify` options (``{}``: its
+            defaults, e.g. ``{'mean': [0, 0, 0], 'std': [1, 1, 1]}`` for a model trained here on
+            unnormalised images).
+        b_warmup_epochs: B-cosified models: B rises linearly from 1 to its target over these
+            epochs (B-cosification's ramp ablation); 0: the target from the first step.
 
     Optimisation (paper: Adam, lr 2.5e-4 at batch 256, no weight decay, x0.1 after 60%)
         epochs: training epochs.
@@ -80,6 +86,8 @@ class TrainConfig:
     augment: bool = True
     auto_augment: Optional[str] = None
     num_workers: int = 0
+    bcosify: Optional[Dict[str, Any]] = None
+    b_warmup_epochs: float = 0.0
     epochs: int = 10
     batch_size: int = 256
     lr: float = 2.5e-4
@@ -118,6 +126,10 @@ class TrainConfig:
             raise ValueError('TrainConfig.grad_clip must be positive or None')
         if not 0 <= self.step_at <= 1:
             raise ValueError('TrainConfig.step_at is a fraction of training in [0, 1]')
+        if self.b_warmup_epochs < 0 or (self.b_warmup_epochs and self.bcosify is None):
+            raise ValueError('TrainConfig.b_warmup_epochs is a non-negative number of epochs, for bcosify runs')
+        if self.bcosify is not None and not isinstance(self.bcosify, dict):
+            raise ValueError(f'TrainConfig.bcosify must be None or a dict of bcosify options, got {self.bcosify!r}')
         self.model_kwargs = dict(self.model_kwargs or {})
 
     @property
@@ -146,6 +158,12 @@ def lr_factor(step: int, total_steps: int, steps_per_epoch: int, config: TrainCo
         t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return 0.5 * (1.0 + math.cos(math.pi * t))
     return 1.0
+
+
+def b_factor(step: int, steps_per_epoch: int, config: TrainConfig) -> float:
+    """The fraction of the way from B=1 to the target B at optimiser step `step` (the B ramp)."""
+    ramp = config.b_warmup_epochs * steps_per_epoch
+    return 1.0 if ramp <= 0 else min(1.0, step / ramp)
 
 
 def loss_function(config: TrainConfig) -> Callable[[Tensor, Tensor], Tensor]:

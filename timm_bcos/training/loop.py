@@ -26,18 +26,19 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ..convert import set_b
 from ..layers import add_inverse
 from .checkpoint import (CHECKPOINT, FORMAT_VERSION, METRICS_FILE, WEIGHTS_FILE,
                          CheckpointError, append_metrics, check_files, load_weights, read_metrics,
                          save_checkpoint, weights_digest, write_metrics)
-from .config import ModelInput, TrainConfig, loss_function, lr_factor, model_input
+from .config import ModelInput, TrainConfig, b_factor, loss_function, lr_factor, model_input
 from .export import export_run
 from .run_folder import prepare_output
 
@@ -158,7 +159,21 @@ def _model_and_data(config: TrainConfig) -> Tuple[nn.Module, DataSplits, ModelIn
         raise ValueError(f'num_classes={num_classes}, but {config.data} has {data.num_classes} classes')
     if config.train_subset:
         data.limit_train(config.train_subset, seed=config.seed)
+    if config.bcosify is not None:
+        model = _bcosify(model, config, data)
+        spec = replace(spec, in_chans=model.bcos_cfg['in_chans'])
     return model, data, spec
+
+
+def _bcosify(model: nn.Module, config: TrainConfig, data: DataSplits) -> nn.Module:
+    """B-cosify the model with its (pretrained) weights, recalibrated on 16 training images."""
+    from ..convert import bcosify
+
+    images = torch.stack([data.train[i][0] for i in range(min(16, len(data.train)))])
+    model = bcosify(model, calibration_data=add_inverse(images), **config.bcosify)
+    if config.b_warmup_epochs:
+        model.bcos_cfg['b_warmup_epochs'] = config.b_warmup_epochs
+    return model
 
 
 def _prepare(accelerator: Accelerator, config: TrainConfig, model: nn.Module, data: DataSplits,
@@ -272,7 +287,11 @@ def _train_epoch(run: _Run, epoch: int, step: int) -> Tuple[Dict[str, Any], int,
     bar = tqdm(total=run.batches_per_epoch, desc=f'epoch {epoch + 1}/{config.epochs}', unit='batch',
                disable=not show, dynamic_ncols=True, leave=True)
     batches, stopped = 0, False
+    ramp = config.b_warmup_epochs > 0
     for x, y in run.train_loader:
+        if ramp:  # B from 1 to the target (B-cosification's ramp)
+            target = accelerator.unwrap_model(model).bcos_cfg['b']
+            set_b(model, 1 + (target - 1) * b_factor(step, run.steps_per_epoch, config))
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 logits = model(run.encode(x))
