@@ -31,6 +31,10 @@ def build_parser(prog: str = 'timm-bcos train') -> argparse.ArgumentParser:
     p.add_argument('--no-augment', dest='augment', action='store_false', help='no data augmentation')
     p.add_argument('--auto-augment', help="image folders: timm auto-augment string, e.g. 'rand-m9-mstd0.5'")
     p.add_argument('--num-workers', type=int, default=d.num_workers)
+    p.add_argument('--bcosify', nargs='*', metavar='KV', help='B-cosify the (--pretrained) model first, with these '
+                   'timm_bcos.bcosify options KEY=VALUE (JSON or a string), e.g. activations=remove std=[1,1,1]')
+    p.add_argument('--b-warmup-epochs', type=float, default=d.b_warmup_epochs,
+                   help='--bcosify: ramp B linearly from 1 to its target over these epochs')
     p.add_argument('--epochs', type=int, default=d.epochs)
     p.add_argument('--batch-size', type=int, default=d.batch_size, help='global batch (default 256)')
     p.add_argument('--lr', type=float, default=d.lr, help='lr at --lr-base-batch images per step (default 2.5e-4)')
@@ -65,13 +69,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     try:
         recipe = _read_recipe(args.config) if args.config else {}
         if recipe:  # the recipe's values become the defaults; options given on the command line win
-            parser.set_defaults(**{k: v for k, v in recipe.items() if k != 'model_kwargs'})
+            parser.set_defaults(**{k: v for k, v in recipe.items() if k not in ('model_kwargs', 'bcosify')})
+            if recipe.get('bcosify') is not None:
+                parser.set_defaults(bcosify=[])
             args = parser.parse_args(argv)
         kw = vars(args)
         kw.pop('config')
         if kw['lr_base_batch'] == 0:
             kw['lr_base_batch'] = None
         kw['model_kwargs'] = {**recipe.get('model_kwargs', {}), **_parse_kwargs(kw['model_kwargs'])}
+        if kw['bcosify'] is not None:
+            kw['bcosify'] = {**(recipe.get('bcosify') or {}), **_parse_kwargs(kw['bcosify'])}
         if not kw['output']:
             raise ValueError('--output is required')
         config = TrainConfig(**kw)
