@@ -1,0 +1,50 @@
+"""Time to B-cosify a trained timm model (`timm_bcos.bcosify`), against the time to build it.
+
+Prints, per model (1000 classes, random weights: the time does not depend on their values), the
+median time of `timm.create_model` (the baseline), of `bcosify(calibrate=False)` (the rewrite:
+rule table, copied weights, folded stem) and of `bcosify()` (plus the recalibration: one forward
+pass over 16 noise images at the model's input size), and their ratios. 2 threads, flush-denormal on.
+
+    python benchmarks/bcosify.py [--models resnet50 densenet121] [--reps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import timm
+import torch
+
+from timm_bcos import bcosify
+
+
+def _seconds(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--models', nargs='+', default=['resnet50', 'densenet121'])
+    parser.add_argument('--reps', type=int, default=3)
+    parser.add_argument('--threads', type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    warnings.simplefilter('ignore')
+    print(f'{args.threads} threads, median of {args.reps}')
+    print(f'{"model":>12} | {"build s":>7} | {"bcosify s":>9} | {"+ recalibration s":>17} | {"ratios to build":>15}')
+    for name in args.models:
+        build = _seconds(lambda: timm.create_model(name), args.reps)
+        rewrite = _seconds(lambda: bcosify(timm.create_model(name).eval(), calibrate=False), args.reps) - build
+        full = _seconds(lambda: bcosify(timm.create_model(name).eval()), args.reps) - build
+        print(f'{name:>12} | {build:7.2f} | {rewrite:9.2f} | {full:17.2f} | {rewrite / build:6.2f} {full / build:7.2f}')
+
+
+if __name__ == '__main__':
+    main()
