@@ -418,3 +418,29 @@ def test_timm_models(name):
     model = timm.create_model(name, pretrained=False, num_classes=5)
     assert needs in {type(m).__name__ for m in model.modules()}
     _convert_exact(model, size=size)
+
+
+class SplitBlock(nn.Module):
+    """Its forward depends on an own attribute (the split): blocks that differ in it trace differently."""
+
+    def __init__(self, width, split):
+        super().__init__()
+        self.conv, self.split = nn.Conv2d(width, width, 1), split
+
+    def forward(self, x):
+        a, b = torch.split(self.conv(x), [self.split, x.shape[1] - self.split], dim=1)
+        return torch.cat([b, F.relu(a)], dim=1)
+
+
+def test_each_module_structure_is_traced_once(monkeypatch):
+    import timm_bcos.convert.tracing as tracing
+    calls = []
+    real = tracing.trace_forwards
+    monkeypatch.setattr(tracing, 'trace_forwards', lambda m, *a: calls.append(type(m).__name__) or real(m, *a))
+    blocks = [SplitBlock(4, 1), SplitBlock(4, 1), SplitBlock(4, 1), SplitBlock(4, 3)]
+    model = _convert_exact(_net(*blocks))
+    assert calls.count('SplitBlock') == 4  # (split 1, split 3) x (train, eval): not 8
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    for i, block in enumerate(blocks, start=1):  # each block kept its own split
+        a, b = torch.split(model[i].conv(x), [block.split, 4 - block.split], dim=1)
+        assert torch.equal(model[i](x), torch.cat([b, a], dim=1))
