@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from timm_bcos.layers import explanation_mode
-from timm_bcos.layers.norm import BatchNormUncentered2d, GroupNormUncentered, LayerNorm2dUncentered
+from timm_bcos.layers.norm import BatchNormUncentered2d, GroupNormUncentered, LayerNorm2dUncentered, LayerNormUncentered
 
 with warnings.catch_warnings():
     warnings.simplefilter('ignore')
@@ -207,3 +207,14 @@ def test_input_errors(layer):
 def test_group_count_error():
     with pytest.raises(ValueError, match=r'num_channels \(6\) must be divisible by num_groups \(4\)'):
         GroupNormUncentered(4, 6)
+
+
+def test_layer_norm_uncentered_is_the_channels_last_layer_norm_2d():
+    norm2d = LayerNorm2dUncentered(4).double()
+    torch.nn.init.normal_(norm2d.weight)
+    norm = LayerNormUncentered(4).double()
+    norm.load_state_dict(norm2d.state_dict())
+    x = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    assert torch.equal(norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), norm2d(x))
+    with pytest.raises(ValueError, match='4 features in the last dimension'):
+        norm(x)

@@ -199,44 +199,30 @@ class LayerNorm2dUncentered(_UncenteredNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_nchw(x, self, self.num_channels)
+        return self._normalise(x, 1)
+
+    def _normalise(self, x: Tensor, dim: int) -> Tensor:
+        """``x / sqrt(var + eps) * weight`` with the variance (and the weight) along `dim`."""
         dt = _stat_dtype(x)
-        var = torch.var((x.detach() if self.detach_dynamic else x).to(dt), dim=1, correction=0, keepdim=True)
+        var = torch.var((x.detach() if self.detach_dynamic else x).to(dt), dim=dim, correction=0, keepdim=True)
         y = x.to(dt) * torch.rsqrt(var + self.eps)
         if self.weight is not None:
-            y = y * self.weight.to(dt).view(1, -1, 1, 1)
+            y = y * self.weight.to(dt).view([-1 if d == dim % x.dim() else 1 for d in range(x.dim())])
         return y.to(_out_dtype(x))
 
     def extra_repr(self) -> str:
         return f'{self.num_channels}, eps={self.eps}, affine={self.affine}'
 
 
-class LayerNormUncentered(_UncenteredNorm):
+class LayerNormUncentered(LayerNorm2dUncentered):
     """Uncentered layer norm over the last dimension (channels-last features, tokens), without bias.
 
     ``y = x / sqrt(var + eps) * weight`` with ``var`` the biased variance over the last dimension:
     `LayerNorm2dUncentered` for channels-last inputs (timm's ``nn.LayerNorm`` blocks).
     """
 
-    def __init__(
-            self,
-            num_channels: int,
-            eps: float = 1e-6,
-            affine: bool = True,
-            device=None,
-            dtype=None,
-    ) -> None:
-        super().__init__(num_channels, eps, affine, device, dtype)
-
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 0 or x.shape[-1] != self.num_channels:
             raise ValueError(f'{type(self).__name__} expects {self.num_channels} features in the last dimension, '
                              f'got shape {tuple(x.shape)}')
-        dt = _stat_dtype(x)
-        var = torch.var((x.detach() if self.detach_dynamic else x).to(dt), dim=-1, correction=0, keepdim=True)
-        y = x.to(dt) * torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.to(dt)
-        return y.to(_out_dtype(x))
-
-    def extra_repr(self) -> str:
-        return f'{self.num_channels}, eps={self.eps}, affine={self.affine}'
+        return self._normalise(x, -1)
