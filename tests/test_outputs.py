@@ -7,11 +7,16 @@ from timm_bcos._utils import OutputFolder, OutputFolderError, remove_owned, remo
 def test_only_listed_files_are_ever_deleted(tmp_path):
     folder = OutputFolder(tmp_path / 'run', 'train')
     folder.claim(['checkpoint', 'metrics.jsonl'])
-    (folder.root / 'checkpoint').mkdir()
-    (folder.root / 'checkpoint' / 'state.json').write_text('{}')
+    checkpoint = OutputFolder(folder.root / 'checkpoint', 'checkpoint')
+    checkpoint.path('state.json').write_text('{}')
+    (checkpoint.root / 'yours.txt').write_text('a file put into the listed folder by its user')
     (folder.root / 'metrics.jsonl').write_text('')
     (folder.root / 'notes.txt').write_text('mine')
-    remove_owned(folder.root / 'checkpoint')
+    with pytest.raises(OutputFolderError, match=r'did not write \(yours.txt\)'):
+        remove_owned(folder.root / 'checkpoint')  # a listed folder goes only through its own listing
+    assert sorted(p.name for p in checkpoint.root.iterdir()) == ['yours.txt']
+    (checkpoint.root / 'yours.txt').unlink()
+    remove_owned(folder.root / 'checkpoint')  # now empty
     remove_owned(folder.root / 'metrics.jsonl')
     remove_owned(folder.root / 'metrics.jsonl')  # already gone: nothing to do
     with pytest.raises(OutputFolderError, match='notes.txt was not written by timm-bcos'):

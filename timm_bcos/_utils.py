@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, List, Optional, Union
@@ -134,7 +133,8 @@ def _owned(folder: Path) -> List[str]:
 def remove_owned(path: PathLike) -> None:
     """Delete the file or folder `path` if it exists, which the library must have created: its name
     is listed in the `OWNER_FILE` of the folder it is in (else `OutputFolderError`, nothing deleted).
-    Every deletion in the library goes through here, except its own fresh temporary folders."""
+    A folder goes entry by entry through its own `OWNER_FILE` (`remove_owned_folder`): nothing in it
+    that the library did not list is deleted. Every deletion in the library goes through here."""
     path = Path(path)
     if not os.path.lexists(path):
         return
@@ -142,20 +142,25 @@ def remove_owned(path: PathLike) -> None:
         raise OutputFolderError(f'{path} was not written by timm-bcos (not listed in {path.parent / OWNER_FILE}): '
                                 f'not deleting it')
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        remove_owned_folder(path)
     else:
         path.unlink()
 
 
 def remove_owned_folder(path: PathLike) -> None:
     """Delete a whole folder the library wrote: every entry its `OWNER_FILE` lists (`remove_owned`),
-    then that file and the folder, which must then be empty (a user's file in it stops the deletion)."""
+    then that file and the folder, which must then be empty (anything else in it stops the deletion
+    with an `OutputFolderError` naming it; the listed entries and the listing are gone, the rest is kept)."""
     path = Path(path)
     for name in sorted(_owned(path)):
         remove_owned(path / name)
     if (path / OWNER_FILE).exists():
         (path / OWNER_FILE).unlink()
-    path.rmdir()  # OSError if anything else is left
+    left = sorted(os.listdir(path))
+    if left:
+        raise OutputFolderError(f'{path} holds files timm-bcos did not write ({", ".join(left[:5])}): not deleting '
+                                f'them; move them away')
+    path.rmdir()
 
 
 def _some(names: List[str], limit: int = 5) -> str:

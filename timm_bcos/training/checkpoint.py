@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from .._utils import remove_owned, write_atomic, write_json
+from .._utils import OutputFolder, remove_owned, write_atomic, write_json
 from .config import RESUME_FREE, TrainConfig
 
 if TYPE_CHECKING:
@@ -45,8 +45,11 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: Dict[str, Any]) 
     """accelerate's save_state into ``checkpoint.tmp`` (every process writes its RNG state), then
     trainer_state.json, fsync, and `atomic_replace` onto ``checkpoint`` (main process)."""
     tmp = out / (CHECKPOINT + '.tmp')
-    if accelerator.is_main_process and tmp.exists():
-        remove_owned(tmp)
+    if accelerator.is_main_process:
+        if tmp.exists():
+            remove_owned(tmp)
+        # the folder lists what save_state writes into it: only those are ever deleted with it
+        OutputFolder(tmp, 'checkpoint').claim(checkpoint_files(accelerator.num_processes))
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
@@ -55,6 +58,13 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: Dict[str, Any]) 
         _fsync_tree(tmp)
         atomic_replace(tmp, out / CHECKPOINT)
     accelerator.wait_for_everyone()
+
+
+def checkpoint_files(num_processes: int) -> List[str]:
+    """The files of a checkpoint folder: accelerate's save_state (weights, optimizer, scheduler, the
+    fp16 grad scaler, one RNG state per process) and trainer_state.json."""
+    return [WEIGHTS_FILE, 'optimizer.bin', 'scheduler.bin', 'scaler.pt', STATE_FILE,
+            *(f'random_states_{i}.pkl' for i in range(num_processes))]
 
 
 def atomic_replace(src: Path, dst: Path) -> None:
