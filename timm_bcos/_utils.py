@@ -7,10 +7,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 __all__ = ['ASSETS', 'OWNER_FILE', 'OutputFolder', 'OutputFolderError', 'hub_offline', 'package_version',
-           'remove_owned', 'remove_owned_folder', 'save_figure', 'url_cache_dir', 'write_atomic', 'write_json']
+           'parse_kwargs', 'remove_owned', 'remove_owned_folder', 'save_figure', 'url_cache_dir', 'write_atomic',
+           'write_json']
 
 PathLike = Union[str, os.PathLike]
 
@@ -196,3 +197,22 @@ def url_cache_dir() -> str:
     import torch
 
     return os.path.join(torch.hub.get_dir(), 'checkpoints')
+
+
+def parse_kwargs(items: Sequence[str], option: str) -> Dict[str, Any]:
+    """Command-line keyword arguments: ``'{"widths": [8, 8]}'`` or ``widths=[8,8] b=2`` (values are
+    JSON, else strings); `option` names the option in the error."""
+    import argparse
+
+    if len(items) == 1 and items[0].lstrip().startswith('{'):
+        return dict(json.loads(items[0]))
+    out = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f'{option}: expected KEY=VALUE or a JSON object, got {item!r}')
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

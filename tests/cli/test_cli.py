@@ -93,3 +93,37 @@ def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys
     assert e.value.code == 1 and err.count('\n') == 1 and 'missing.png' in err and err.startswith('timm-bcos explain:')
     with pytest.raises(FileNotFoundError):
         main(args + ['--debug'])
+
+
+def test_bcosify_command(tmp_path, capsys, hub_offline):
+    """A conventional model saved in timm's format is B-cosified, checked, saved and loads back;
+    a folder with the user's files, a name without weights and missing offline weights are refused."""
+    import timm
+    import torch
+
+    from timm_bcos import add_inverse
+
+    source = tmp_path / 'conventional'
+    timm.models.save_for_hf(timm.create_model('resnet18', num_classes=4), str(source), safe_serialization=True)
+    out = tmp_path / 'bcosified'
+    main(['bcosify', f'local-dir:{source}', '--out', str(out), '--option', 'activations=remove'])
+    text = capsys.readouterr().out
+    assert 'B=1 form vs original: ' in text and 'float64 Eq. 13 error ' in text and f'local-dir:{out}' in text
+    b1_error = float(text.split('B=1 form vs original: ')[1].split()[0])
+    eq13 = float(text.split('Eq. 13 error ')[1].split(',')[0])
+    assert b1_error < 1e-4 and eq13 < 1e-10
+    model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    assert model.bcos_cfg['bcosified']['activations'] == 'remove' and model.num_classes == 4
+    assert model.check_dynamic_linearity(add_inverse(torch.rand(2, 3, 64, 64))) < 1e-4
+
+    foreign = tmp_path / 'mine'
+    foreign.mkdir()
+    (foreign / 'notes.txt').write_text('mine')
+    for argv, message in (([f'local-dir:{source}', '--out', str(foreign)], 'not written by timm-bcos'),
+                          (['resnet18', '--out', str(tmp_path / 'a'), '--pretrained-file'], 'unrecognized'),
+                          (['resnet50t', '--out', str(tmp_path / 'a')], 'has no pretrained weights'),
+                          (['resnet18.a1_in1k', '--out', str(tmp_path / 'a')], 'are not available')):
+        with pytest.raises(SystemExit):
+            main(['bcosify'] + argv)
+        assert message in capsys.readouterr().err
+    assert (foreign / 'notes.txt').read_text() == 'mine' and sorted(p.name for p in foreign.iterdir()) == ['notes.txt']

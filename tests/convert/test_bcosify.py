@@ -126,3 +126,43 @@ def test_errors_leave_the_model_as_it_was():
     assert type(model.stem) is nn.Conv2d and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     with pytest.raises(TypeError, match='already a B-cos network'):
         bcosify(convert_to_bcos(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), calibrate=False))
+
+
+# --- saving and loading back through timm ---------------------------------------------------------
+
+@pytest.mark.parametrize('base,preserve', [('resnet18', False), ('resnet18', True), ('regnetx_002', False)])
+def test_saved_bcosified_model_loads_back_through_timm(base, preserve, tmp_path):
+    """`save_pretrained` writes ``bcos_<arch>`` (the paper's architectures) or ``bcosified`` with the
+    `bcosify_args`; ``local-dir:`` rebuilds the structure and loads the weights, scales included."""
+    from timm_bcos.convert import bcosify_args
+    from timm_bcos.models.export import save_pretrained
+
+    model = _trained_like(timm.create_model(base, num_classes=5), 32)
+    calibration = dict(calibration_data=add_inverse(torch.rand(8, 3, 32, 32)))
+    options = dict(b=1.0, preserve_function=True) if preserve else calibration
+    bcosify(model, mean=MEAN, std=STD, **options)
+    save_pretrained(model, str(tmp_path))
+    config = __import__('json').loads((tmp_path / 'config.json').read_text())
+    assert config['architecture'] == ('bcos_resnet18' if base == 'resnet18' else 'bcosified')
+    assert config['model_args']['bcosify'] == bcosify_args(model)
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    x = add_inverse(torch.rand(3, 3, 32, 32))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    assert loaded.bcos_cfg['bcosified'] == model.bcos_cfg['bcosified']
+    assert bcosify_args(loaded) == bcosify_args(model)
+
+
+def test_bcosify_args_and_saving_errors(tmp_path):
+    from timm_bcos.convert import bcosify_args
+    from timm_bcos.models.export import save_pretrained
+
+    with pytest.raises(ValueError, match='not a B-cosified model'):
+        bcosify_args(convert_to_bcos(timm.create_model('resnet18', num_classes=3), calibrate=False))
+    user = bcosify(UserNet(), mean=MEAN, std=STD, calibration_data=add_inverse(torch.rand(4, 3, 16, 16)))
+    with pytest.raises(ValueError, match='source architecture is unknown'):
+        save_pretrained(user, str(tmp_path))
+    with pytest.raises(ValueError, match='in_chans must be even'):
+        timm.create_model('bcosified', base_model='resnet18', bcosify={}, in_chans=3)
+    with pytest.raises(ValueError, match='conversion arguments'):
+        timm.create_model('bcos_resnet18', bcosify={}, max_out=2)

@@ -4,6 +4,7 @@
                      [--target C | --topk K] [--layer L --neuron N] --out DIR
     timm-bcos publish RUN_DIR --repo-id ORG/NAME [--private] [--dry-run --out DIR] [--image PNG ...]
     timm-bcos pull ORG/NAME --out DIR
+    timm-bcos bcosify MODEL --out DIR [--checkpoint FILE] [--b B] [--preserve-function] [--option K=V ...]
     timm-bcos coverage [--models NAME ... | --families [FAMILY ...]] [--train] [--out FILE]  (see --help)
     timm-bcos train --model NAME --data digits|fashion-mnist|DIR --output DIR [options]  (see --help)
     timm-bcos evaluate --model NAME --baseline NAME --data fashion-mnist --grid 3 --n 500 --out DIR  (see --help)
@@ -47,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument('repo_id')
     pull.add_argument('--out', required=True)
     # these parse their own options (`timm-bcos train --help`)
-    for name, text in (('coverage', 'convert timm architectures (a list or one per family) and check Eq. 13, '
+    for name, text in (('bcosify', 'B-cosify a trained model (keeps its weights) and save it for fine-tuning'),
+                       ('coverage', 'convert timm architectures (a list or one per family) and check Eq. 13, '
                                      'the logit spread and the gates, or --train them briefly (writes a report)'),
                        ('train', 'train with accelerate (checkpoints, --resume, final local-dir: folder)'),
                        ('evaluate', 'grid pointing game of B-cos vs post-hoc explanations (tables, plots)'),
@@ -82,6 +84,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: List[s
         return
     if args.command == 'coverage':
         from ..evaluation.coverage_cli import coverage_main as run
+    elif args.command == 'bcosify':
+        from .bcosify import main as run
     elif args.command == 'train':
         from ..training import main as run
     elif args.command == 'evaluate':

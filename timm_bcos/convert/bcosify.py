@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,7 @@ from .mixin import attach_bcos_mixin
 from .rewrite import convert_tree
 from .rules import ConversionContext, UnsupportedModuleError
 
-__all__ = ['bcosify', 'input_normalisation', 'set_b']
+__all__ = ['bcosify', 'bcosify_args', 'input_normalisation', 'set_b']
 
 
 def input_normalisation(model: nn.Module, mean: Optional[Sequence[float]] = None,
@@ -198,9 +198,22 @@ def bcosify(
         ctx.undo()
         raise
     stems = [f'{p}.1' if preserve_function else p for p in stems]
+    arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
     return attach_bcos_mixin(model, dict(
         b=b, max_out=1, norm=norm, in_chans=2 * len(mean), logit_bias=logit_bias, logit_temperature=None, head=head,
         stem=stems, classifier=classifier, unconverted=list(ctx.skipped), gate_branches=sorted(ctx.exempt),
         gate_rule=ctx.gate_rule, calibrate=False, bcosified=dict(
-            preserve_function=preserve_function, keep_biases=keep_biases, activations=activations, max_pool=max_pool,
-            normalized=normalized, mean=list(mean), std=list(std))))
+            architecture=arch, preserve_function=preserve_function, keep_biases=keep_biases, activations=activations,
+            max_pool=max_pool, normalized=normalized, mean=list(mean), std=list(std))))
+
+
+def bcosify_args(model: nn.Module) -> Dict[str, Any]:
+    """The `bcosify` arguments that rebuild `model`'s structure from its source architecture (JSON
+    values; no calibration: the weights, scales included, come from a checkpoint). The ``bcosify``
+    model argument of ``bcos_<arch>`` / ``bcosified`` (`timm_bcos.models`) takes them."""
+    cfg = getattr(model, 'bcos_cfg', None) or {}
+    if 'bcosified' not in cfg:
+        raise ValueError(f'{type(model).__name__} is not a B-cosified model (timm_bcos.bcosify)')
+    options = {k: v for k, v in cfg['bcosified'].items() if k != 'architecture'}
+    return dict(b=float(cfg['b']), norm=cfg['norm'], head=cfg['head'], logit_bias=cfg['logit_bias'],
+                strict=not cfg.get('unconverted'), **options)

@@ -29,8 +29,8 @@ from ..layers import add_inverse
 from .coverage import ALIVE_SPREAD, EXACT_TOLERANCE, eq13_autograd, first_line, logit_spread
 from .coverage_report import check_report_path
 
-__all__ = ['B1_TOLERANCE', 'REPORT_TITLE', 'BcosifyResult', 'bcosify_report', 'check_bcosify', 'pretrained_like',
-           'write_bcosify_report']
+__all__ = ['B1_TOLERANCE', 'REPORT_TITLE', 'BcosifyResult', 'b1_error', 'bcosify_report', 'check_bcosify',
+           'pretrained_like', 'write_bcosify_report']
 
 REPORT_TITLE = '# B-cosification exactness'
 B1_TOLERANCE = 1e-4
@@ -69,7 +69,9 @@ def pretrained_like(model: nn.Module, size: Tuple[int, int], seed: int = 0) -> n
     return model.eval()
 
 
-def _b1_error(original: nn.Module, b1: nn.Module, images: Tensor) -> float:
+def b1_error(original: nn.Module, b1: nn.Module, images: Tensor) -> float:
+    """``max |B=1 form - original| / max |original|`` (logits) on `images` in [0, 1]: the original sees
+    them normalised with the bcosified mean/std, the B=1 form (`bcosify(b=1, preserve_function=True)`) as [x, 1-x]."""
     mean, std = (torch.tensor(b1.bcos_cfg['bcosified'][k]).view(1, -1, 1, 1) for k in ('mean', 'std'))
     with torch.no_grad():
         expected = original((images - mean) / std)
@@ -95,7 +97,7 @@ def check_bcosify(name: str, img_size: Optional[int] = None) -> BcosifyResult:
             t0 = time.perf_counter()
             b1 = bcosify(copy.deepcopy(model), b=1.0, preserve_function=True)
             result.seconds_b1 = time.perf_counter() - t0
-            result.b1_error = _b1_error(model, b1, images)
+            result.b1_error = b1_error(model, b1, images)
             t0 = time.perf_counter()
             bcos = bcosify(model)
             result.seconds = time.perf_counter() - t0

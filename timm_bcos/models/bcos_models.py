@@ -25,6 +25,7 @@ The module's name files them in timm as ``list_models(module='bcos_models')``; `
 from __future__ import annotations
 
 import dataclasses
+import math
 from functools import partial
 from typing import Any, Callable, Dict, Optional
 
@@ -34,6 +35,7 @@ from timm.models import (PretrainedCfg, generate_default_cfgs, get_pretrained_cf
 from torch import nn
 
 from .._utils import ASSETS
+from ..convert import bcosify as bcosify_model
 from ..convert import convert_to_bcos
 from ..weights.v1 import V1_MODELS, create_v1_model, map_v1_state_dict, v1_weights_file
 from ..weights.v2 import V2_ARCHS, create_v2_model, map_v2_state_dict
@@ -126,26 +128,67 @@ def _v1_cfg(key: str) -> Dict[str, Any]:
     return _simple_cifar_cfg(**cfg) if family == 'simple' else _converted_cfg(v1['timm_arch'], **cfg)
 
 
+_FASHION_MNIST_BCOSIFIED = dict(
+    file=str(SHIPPED_DIR / 'bcos_resnet18.fashion_mnist_bcosified.safetensors'), num_classes=10,
+    input_size=(6, 32, 32), pool_size=None, crop_pct=1.0, label_names=_FASHION_MNIST['label_names'],
+    paper_name='B-cosification: Transforming Deep Neural Networks to be Inherently Interpretable',
+    paper_ids='arXiv:2411.00715', origin_url='https://github.com/shrebox/B-cosification',
+    description="timm's resnet18 trained on Fashion-MNIST at 32 px (cross entropy), B-cosified (timm_bcos.bcosify "
+                'defaults) and fine-tuned: conversion/scripts/bcosify_fashion_mnist.sh; metrics, and the '
+                'conventional original\'s, in hub_cards/bcos_resnet18.fashion_mnist_bcosified/. Weights stored in '
+                'float16.')
+
+#: ``bcosify`` arguments (`timm_bcos.convert.bcosify_args`) of the B-cosified pretrained tags.
+BCOSIFIED_TAGS = {
+    'bcos_resnet18.fashion_mnist_bcosified': dict(
+        b=2.0, norm='bnu', head='auto', logit_bias=-math.log(9), strict=True, preserve_function=False,
+        keep_biases=False, activations='keep', max_pool='avg', normalized=False, mean=[0.0] * 3, std=[1.0] * 3),
+}
+
 default_cfgs = generate_default_cfgs({
     **{f'bcos_{arch}': _converted_cfg(arch) for arch in PAPER_ARCHS if arch not in V1_ARCHS},
     **{f'bcosv2_{name}.in1k': _v2_cfg(name) for name in V2_ARCHS},
     'bcos_simple_cifar': _simple_cifar_cfg(),
     **{f'bcos_{key}': _v1_cfg(key) for key in _V1_ORDER},
+    'bcos_resnet18.fashion_mnist_bcosified': _converted_cfg('resnet18', **_FASHION_MNIST_BCOSIFIED),
+    'bcosified': _converted_cfg('resnet18', paper_name=None, paper_ids=None, origin_url=None,
+                                description='a B-cosified timm model (timm_bcos.bcosify; default: resnet18)'),
     'bcos_simple_cifar_plain': _simple_cifar_cfg(),
     'bcos_simple_cifar_tiny.fashion_mnist': _simple_cifar_cfg(**_FASHION_MNIST),
     'baseline_simple_cifar': _simple_cifar_cfg(in_chans=3, paper_name=None, paper_ids=None, origin_url=None),
     'baseline_simple_cifar_tiny': _simple_cifar_cfg(in_chans=3, paper_name=None, paper_ids=None, origin_url=None),
 })
-# timm would make the first tag with weights (v1_cifar10_b1) the default: keep our untagged design.
-default_cfgs['bcos_simple_cifar'].tags.remove('')
-default_cfgs['bcos_simple_cifar'].tags.appendleft('')
+# timm would make the first tag with weights (v1_cifar10_b1, fashion_mnist_bcosified) the default: keep the
+# untagged design (ImageNet classes, the paper's conversion).
+for _name in ('bcos_simple_cifar', 'bcos_resnet18'):
+    default_cfgs[_name].tags.remove('')
+    default_cfgs[_name].tags.appendleft('')
 
 TINY_WIDTHS = (16, 16, 32, 32, 32, 64, 64, 64)
 
 
+def build_bcosified(base_model: str = 'resnet18', bcosify: Optional[Dict[str, Any]] = None, in_chans: int = 6,
+                    calibrate: bool = True, **kwargs) -> nn.Module:
+    """timm's `base_model` (random weights) B-cosified with the arguments `bcosify`
+    (`timm_bcos.convert.bcosify_args`; default: `timm_bcos.bcosify`'s): the structure that a saved
+    B-cosified model's weights, scales included, load into (``calibrate=False``: the checkpoint
+    has the scales; the registry passes it with ``pretrained=True``)."""
+    if in_chans % 2:
+        raise ValueError(f'a B-cosified model takes [x, 1-x]: in_chans must be even, got {in_chans}')
+    model = timm.create_model(base_model, pretrained=False, in_chans=in_chans // 2, **kwargs)
+    return bcosify_model(model, calibrate=calibrate, **(bcosify or {}))
+
+
 def _convert_builder(base: str, design: Dict[str, Any]) -> Callable[..., nn.Module]:
-    """Build timm's `base` and convert it; conversion arguments (b, max_out, ...) may be overridden."""
-    def builder(**kwargs) -> nn.Module:
+    """Build timm's `base` and convert it; conversion arguments (b, max_out, ...) may be overridden.
+    With a ``bcosify`` argument (`timm_bcos.convert.bcosify_args`) it is B-cosified instead (a
+    saved B-cosified model, or the ``*_bcosified`` tags)."""
+    def builder(bcosify: Optional[Dict[str, Any]] = None, **kwargs) -> nn.Module:
+        if bcosify is not None:
+            clash = sorted(k for k in design if k in kwargs and k != 'calibrate')
+            if clash:
+                raise ValueError(f'{clash} are conversion arguments; a B-cosified model takes them in bcosify=')
+            return build_bcosified(base, bcosify, **kwargs)
         convert = {k: kwargs.pop(k, v) for k, v in design.items()}
         model = timm.create_model(base, pretrained=False, **kwargs)
         return convert_to_bcos(model, in_chans=kwargs.get('in_chans', 6), **convert)
@@ -178,7 +221,9 @@ def _register(name: str, builder: Callable[..., nn.Module], doc: str,
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
         cfg = resolve_pretrained_cfg(name, kwargs.pop('pretrained_cfg', None),
                                      kwargs.pop('pretrained_cfg_overlay', None))
-        if v1_arch is None or not (cfg.tag or '').startswith('v1_'):
+        if f'{name}.{cfg.tag}' in BCOSIFIED_TAGS:
+            kwargs.setdefault('bcosify', BCOSIFIED_TAGS[f'{name}.{cfg.tag}'])
+        if v1_arch is None or not (cfg.tag or '').startswith('v1_') or 'bcosify' in kwargs:
             if converted and pretrained:
                 kwargs.setdefault('calibrate', False)
             return build_bcos_model(builder, name, pretrained, pretrained_filter_fn=filter_fn, pretrained_cfg=cfg,
@@ -211,6 +256,10 @@ for _name in V2_ARCHS:
     _register(f'bcosv2_{_name}', partial(create_v2_model, _name),
               f"B-cos v2 {_name}: uncentered bias-free BN, MaxOut 1, conv head; pretrained=True loads the v2 "
               f"authors' ImageNet weights.", filter_fn=partial(map_v2_state_dict, allow_new_head=True))
+_register('bcosified', build_bcosified, "A B-cosified timm model (timm_bcos.bcosify): arguments base_model (timm's "
+          "architecture, default resnet18) and bcosify (timm_bcos.convert.bcosify_args); what a saved B-cosified model "
+          "loads as.",
+          converted=True)
 _register('bcos_simple_cifar', BcosSimpleNet, "The paper's 9-layer CIFAR-10 B-cos network (MaxOut 2, B=2). Tags "
           "v1_cifar10_b1 ... v1_cifar10_b2_5: v1's B ablation nets with the paper's released weights.")
 _register('bcos_simple_cifar_plain', lambda **kw: BcosSimpleNet(**{'max_out': 1, **kw}),

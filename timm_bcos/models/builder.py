@@ -196,8 +196,9 @@ def _is_load_error(e: Exception) -> bool:
 
 def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """`timm.create_model` with clear errors: an unknown ``bcos`` name lists the close matches; a
-    ``local-dir:`` folder without a readable ``config.json`` and an ``hf-hub:`` repo that cannot be
-    read (offline and not cached, or not on the Hub) raise `PretrainedWeightsError` naming them."""
+    ``local-dir:`` folder without a readable ``config.json``, an ``hf-hub:`` repo that cannot be
+    read (offline and not cached, or not on the Hub) and timm's own pretrained weights that cannot
+    be loaded (offline, not cached) raise `PretrainedWeightsError` naming them."""
     import timm
 
     base = model_name.split('.')[0]
@@ -213,13 +214,23 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Modu
     except (CheckpointMismatchError, PretrainedWeightsError):
         raise
     except Exception as e:
-        if not model_name.startswith('hf-hub:') or not _is_load_error(e):
+        if not pretrained or not _is_load_error(e):
+            raise
+        if ':' not in model_name:  # timm's own weights (a Hub repo or a URL)
+            cfg = _resolved_cfg(model_name, kwargs)
+            why = f'{type(e).__name__}: {_first_line(e).rstrip(".")}'
+            raise PretrainedWeightsError(_unavailable(model_name, cfg, why)) from e
+        if not model_name.startswith('hf-hub:'):
             raise
         repo = model_name[len('hf-hub:'):]
         offline = 'HF_HUB_OFFLINE=1 is set and it is not in the local Hub cache' if hub_offline() else 'not found'
         raise PretrainedWeightsError(f'cannot load {repo} from the Hugging Face Hub ({offline}: {type(e).__name__}). '
                                      f'Download it where there is network access (timm-bcos pull {repo} --out DIR), '
                                      f'then load local-dir:DIR.') from e
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [''])[0]
 
 
 def _check_local_dir(path: str) -> None:
