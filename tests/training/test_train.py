@@ -375,6 +375,35 @@ def test_bcosify_a_trained_model_and_fine_tune(tmp_path):
     assert config['data']['in_chans'] == 6 and config['config']['bcosify'] == {}
     with pytest.raises(ValueError, match='b_warmup_epochs'):
         TrainConfig(b_warmup_epochs=1)  # a ramp needs a B-cosified model
+    # the fine-tuned model loads back through timm (as the generic `bcosified`: resnet10t is no paper architecture)
+    assert json.loads((out / 'config.json').read_text())['architecture'] == 'bcosified'
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    assert loaded.bcos_cfg['b'] == 2.0 and loaded.bcos_cfg['bcosified']['architecture'] == 'resnet10t'
+    reference = timm.create_model('bcosified', base_model='resnet10t', num_classes=10,
+                                  bcosify=timm_bcos.convert.bcosify_args(loaded)).eval()
+    reference.load_state_dict(_weights(out))
+    x = timm_bcos.add_inverse(torch.rand(2, 3, 16, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reference(x)) and loaded(x).abs().max() > 0
+    assert loaded.check_dynamic_linearity(x) < 1e-4
+
+
+def test_bcosify_recipe_defaults(tmp_path):
+    """--bcosify makes B-cosification's fine-tuning recipe the default; options and recipes still win."""
+    from timm_bcos.training import BCOSIFY_RECIPE
+    from timm_bcos.training.cli import parse_config
+
+    base = ['--model', 'resnet10t', '--output', str(tmp_path / 'o')]
+    plain = parse_config(base)
+    assert (plain.lr, plain.schedule, plain.off_label, plain.bcosify) == (2.5e-4, 'step', False, None)
+    tuned = parse_config(base + ['--bcosify'])
+    assert tuned.bcosify == {} and {k: getattr(tuned, k) for k in BCOSIFY_RECIPE} == BCOSIFY_RECIPE
+    mine = parse_config(base + ['--bcosify', 'activations=remove', '--lr', '1e-3', '--off-label', 'false'])
+    assert (mine.lr, mine.schedule, mine.off_label, mine.bcosify) == (1e-3, 'cosine', False, {'activations': 'remove'})
+    recipe = tmp_path / 'recipe.json'
+    recipe.write_text(json.dumps(dict(bcosify={'norm': 'none'}, schedule='step')))
+    from_recipe = parse_config(['--config', str(recipe)] + base)
+    assert (from_recipe.lr, from_recipe.schedule, from_recipe.bcosify) == (1e-4, 'step', {'norm': 'none'})
 
 
 def test_cli(tmp_path, capsys):

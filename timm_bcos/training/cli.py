@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Union
 
+from .._utils import parse_kwargs
 from .checkpoint import METRICS_FILE, CheckpointError
-from .config import LOSSES, PRECISIONS, SCHEDULES, TrainConfig
+from .config import BCOSIFY_RECIPE, LOSSES, PRECISIONS, SCHEDULES, TrainConfig
 from .loop import train
 
-__all__ = ['build_parser', 'main']
+__all__ = ['build_parser', 'main', 'parse_config']
 
 
 def build_parser(prog: str = 'timm-bcos train') -> argparse.ArgumentParser:
@@ -32,7 +33,9 @@ def build_parser(prog: str = 'timm-bcos train') -> argparse.ArgumentParser:
     p.add_argument('--auto-augment', help="image folders: timm auto-augment string, e.g. 'rand-m9-mstd0.5'")
     p.add_argument('--num-workers', type=int, default=d.num_workers)
     p.add_argument('--bcosify', nargs='*', metavar='KV', help='B-cosify the (--pretrained) model first, with these '
-                   'timm_bcos.bcosify options KEY=VALUE (JSON or a string), e.g. activations=remove std=[1,1,1]')
+                   'timm_bcos.bcosify options KEY=VALUE (JSON or a string), e.g. activations=remove std=[1,1,1]; '
+                   "the defaults become B-cosification's fine-tuning recipe: " +
+                   ', '.join(f'--{k.replace("_", "-")} {v}' for k, v in BCOSIFY_RECIPE.items()))
     p.add_argument('--b-warmup-epochs', type=float, default=d.b_warmup_epochs,
                    help='--bcosify: ramp B linearly from 1 to its target over these epochs')
     p.add_argument('--epochs', type=int, default=d.epochs)
@@ -61,13 +64,16 @@ def build_parser(prog: str = 'timm-bcos train') -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """``timm-bcos train ...`` (also ``python -m timm_bcos.training ...``,
-    ``accelerate launch -m timm_bcos.training ...``)."""
+def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
+    """The `TrainConfig` of a ``timm-bcos train`` command line: a ``--config`` recipe's values below
+    the options given; with ``--bcosify``, `BCOSIFY_RECIPE` below both."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         recipe = _read_recipe(args.config) if args.config else {}
+        if args.bcosify is not None or recipe.get('bcosify') is not None:
+            parser.set_defaults(**BCOSIFY_RECIPE)  # below the recipe's values and the options given
+            args = parser.parse_args(argv)
         if recipe:  # the recipe's values become the defaults; options given on the command line win
             parser.set_defaults(**{k: v for k, v in recipe.items() if k not in ('model_kwargs', 'bcosify')})
             if recipe.get('bcosify') is not None:
@@ -77,14 +83,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         kw.pop('config')
         if kw['lr_base_batch'] == 0:
             kw['lr_base_batch'] = None
-        kw['model_kwargs'] = {**recipe.get('model_kwargs', {}), **_parse_kwargs(kw['model_kwargs'])}
+        kw['model_kwargs'] = {**recipe.get('model_kwargs', {}), **parse_kwargs(kw['model_kwargs'], '--model-kwargs')}
         if kw['bcosify'] is not None:
-            kw['bcosify'] = {**(recipe.get('bcosify') or {}), **_parse_kwargs(kw['bcosify'])}
+            kw['bcosify'] = {**(recipe.get('bcosify') or {}), **parse_kwargs(kw['bcosify'], '--bcosify')}
         if not kw['output']:
             raise ValueError('--output is required')
-        config = TrainConfig(**kw)
+        return TrainConfig(**kw)
     except (ValueError, argparse.ArgumentTypeError, OSError) as e:
         raise SystemExit(f'timm-bcos train: {e}')
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """``timm-bcos train ...`` (also ``python -m timm_bcos.training ...``,
+    ``accelerate launch -m timm_bcos.training ...``)."""
+    config = parse_config(argv)
     try:
         results = train(config)
     except (CheckpointError, FileExistsError, FileNotFoundError) as e:
@@ -92,24 +104,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     from accelerate import PartialState
     if PartialState().is_main_process:
         print(f'test accuracy {results.get("test_acc", float("nan")):.4f} after {results["epochs_completed"]} '
-              f'epoch(s); model: {args.output}/model.safetensors + config.json, metrics: {args.output}/{METRICS_FILE}')
+              f'epoch(s); model: {config.output}/model.safetensors + config.json, '
+              f'metrics: {config.output}/{METRICS_FILE}')
     return results
-
-
-def _parse_kwargs(items: Sequence[str]) -> Dict[str, Any]:
-    """``'{"widths": [8, 8]}'`` or ``widths=[8,8] b=2`` (values are JSON, else strings)."""
-    if len(items) == 1 and items[0].lstrip().startswith('{'):
-        return dict(json.loads(items[0]))
-    out = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep:
-            raise argparse.ArgumentTypeError(f'--model-kwargs: expected KEY=VALUE or a JSON object, got {item!r}')
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def _read_recipe(path: str) -> Dict[str, Any]:
@@ -125,7 +122,10 @@ def _read_recipe(path: str) -> Dict[str, Any]:
 
 
 def _parse_off_label(value: str) -> Union[bool, float]:
-    """``--off-label``'s value: ``true``/``yes``/``1/c`` (1/C, as without a value) or a number."""
+    """``--off-label``'s value: ``true``/``yes``/``1/c`` (1/C, as without a value), ``false``/``no`` (0)
+    or a number."""
     if value.lower() in ('true', 'yes', '1/c'):
         return True
+    if value.lower() in ('false', 'no'):
+        return False
     return float(value)

@@ -10,12 +10,16 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['LOSSES', 'PRECISIONS', 'RESUME_FREE', 'SCHEDULES', 'ModelInput', 'TrainConfig', 'b_factor', 'loss_function',
-           'lr_factor', 'model_input']
+__all__ = ['BCOSIFY_RECIPE', 'LOSSES', 'PRECISIONS', 'RESUME_FREE', 'SCHEDULES', 'ModelInput', 'TrainConfig',
+           'b_factor', 'loss_function', 'lr_factor', 'model_input']
 
 SCHEDULES = ('step', 'cosine', 'constant')
 LOSSES = ('bce', 'ce')
 PRECISIONS = ('no', 'bf16', 'fp16')
+#: B-cosification's CNN fine-tuning recipe (Arya et al. 2024: Adam lr 1e-4 at batch 256, no weight
+#: decay, cosine, BCE with 1/C off-targets): `timm-bcos train --bcosify`'s defaults. Their adaptive
+#: gradient clipping is not reproduced (``--grad-clip`` clips the global norm).
+BCOSIFY_RECIPE = dict(lr=1e-4, schedule='cosine', off_label=True)
 
 
 @dataclass
