@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/timm-bcos demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Runs each benchmark and records its output next to it (benchmarks/<name>.txt).
 bench: $(STAMP)

@@ -110,7 +110,16 @@ def render_model_card(model: nn.Module, repo_id: str, metrics: Optional[Dict[str
         label_names=', '.join(labels) if labels else None, dataset=dataset or 'not recorded',
         recipe={k: _fmt(v) for k, v in recipe.items()},
         results={k: _fmt(v) for k, v in metrics.items()} or {'not evaluated': '-'},
-        explanation_png=explanation_png)
+        bcosified=_bcosified_text(bcos.get('bcosified')), explanation_png=explanation_png)
+
+
+def _bcosified_text(options: Optional[Dict[str, Any]]) -> Optional[str]:
+    """The card's line for a B-cosified model (`timm_bcos.bcosify`): what it was made from, and how."""
+    if not options:
+        return None
+    how = ', '.join(f'{k}={v}' for k, v in options.items() if k not in ('architecture', 'mean', 'std'))
+    return (f"from a trained `{options.get('architecture')}` with its weights (B-cosification, Arya et al., NeurIPS "
+            f"2024; `timm_bcos.bcosify`: {how})")
 
 
 def _explanation_png(model: nn.Module, images: Sequence[str], path: str) -> float:
