@@ -115,6 +115,16 @@ def test_bcosify_command(tmp_path, capsys, hub_offline):
     model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
     assert model.bcos_cfg['bcosified']['activations'] == 'remove' and model.num_classes == 4
     assert model.check_dynamic_linearity(add_inverse(torch.rand(2, 3, 64, 64))) < 1e-4
+    # a weights file for a timm architecture (pretrained_cfg_overlay=dict(file=...)), B=1 form
+    main(['bcosify', 'resnet18', '--checkpoint', str(source / 'model.safetensors'), '--num-classes', '4',
+          '--b', '1', '--preserve-function', '--out', str(tmp_path / 'b1')])
+    assert 'B=1 form: float64 Eq. 13 error' in capsys.readouterr().out
+    b1 = timm.create_model(f'local-dir:{tmp_path / "b1"}', pretrained=True).eval()
+    original = timm.create_model(f'local-dir:{source}', pretrained=True).eval()
+    x = torch.rand(2, 3, 64, 64)
+    mean, std = (torch.tensor(original.pretrained_cfg[k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
+    with torch.no_grad():
+        assert torch.allclose(b1(add_inverse(x)), original((x - mean) / std), rtol=1e-4, atol=1e-5)
 
     foreign = tmp_path / 'mine'
     foreign.mkdir()
