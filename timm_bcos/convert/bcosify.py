@@ -163,8 +163,7 @@ def bcosify(
         normalized: unit-norm weights (the paper); False keeps the weights' norms (B-cosification).
         logit_bias: the bias b of Eq. 16 for a Linear classifier; default -log(C - 1) (0 with
             `preserve_function`). A conv classifier (timm's ``use_conv`` heads) gets none.
-        mean, std: the images' normalisation the model was trained with; default its
-            ``pretrained_cfg``'s.
+        mean, std: the images' normalisation the model was trained with (default: its ``pretrained_cfg``'s).
         strict: as in `convert_to_bcos`.
         calibrate: the B-cos form only: `recalibrate` on `calibration_data` (default seeded noise
             images at the ``pretrained_cfg`` input size; a model without one needs the data).
@@ -197,12 +196,12 @@ def bcosify(
     except BaseException:
         ctx.undo()
         raise
-    stems = [f'{p}.1' if preserve_function else p for p in stems]
     arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
     return attach_bcos_mixin(model, dict(
         b=b, max_out=1, norm=norm, in_chans=2 * len(mean), logit_bias=logit_bias, logit_temperature=None, head=head,
-        stem=stems, classifier=classifier, unconverted=list(ctx.skipped), gate_branches=sorted(ctx.exempt),
-        gate_rule=ctx.gate_rule, calibrate=False, bcosified=dict(
+        stem=[f'{p}.1' if preserve_function else p for p in stems], classifier=classifier,
+        unconverted=list(ctx.skipped), gate_branches=sorted(ctx.exempt), gate_rule=ctx.gate_rule, calibrate=False,
+        bcosified=dict(
             architecture=arch, preserve_function=preserve_function, keep_biases=keep_biases, activations=activations,
             max_pool=max_pool, normalized=normalized, mean=list(mean), std=list(std))))
 
