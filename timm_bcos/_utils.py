@@ -9,9 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
-__all__ = ['ASSETS', 'OWNER_FILE', 'OutputFolder', 'OutputFolderError', 'hub_offline', 'package_version',
-           'parse_kwargs', 'remove_owned', 'remove_owned_folder', 'save_figure', 'url_cache_dir', 'write_atomic',
-           'write_json']
+__all__ = ['ASSETS', 'OWNER_FILE', 'OutputFolder', 'OutputFolderError', 'first_line', 'hub_offline',
+           'package_version', 'parse_kwargs', 'remove_owned', 'remove_owned_folder', 'save_figure', 'url_cache_dir',
+           'write_atomic', 'write_json']
 
 PathLike = Union[str, os.PathLike]
 
@@ -197,6 +197,12 @@ def url_cache_dir() -> str:
     import torch
 
     return os.path.join(torch.hub.get_dir(), 'checkpoints')
+
+
+def first_line(e: BaseException) -> str:
+    """The exception's type and first line (an `UnsupportedModuleError` without its list of rules)."""
+    msg = str(e).split('. Supported:')[0].strip().splitlines()
+    return f'{type(e).__name__}: {msg[0] if msg else ""}'
 
 
 def parse_kwargs(items: Sequence[str], option: str) -> Dict[str, Any]:

@@ -23,10 +23,10 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._utils import write_atomic
+from .._utils import first_line, write_atomic
 from ..convert import UnsupportedModuleError, bcosify
 from ..layers import add_inverse
-from .coverage import ALIVE_SPREAD, EXACT_TOLERANCE, eq13_autograd, first_line, logit_spread
+from .coverage import ALIVE_SPREAD, EXACT_TOLERANCE, eq13_autograd, logit_spread
 from .coverage_report import check_report_path
 
 __all__ = ['B1_TOLERANCE', 'REPORT_TITLE', 'BcosifyResult', 'b1_error', 'bcosify_report', 'check_bcosify',

@@ -27,6 +27,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .._utils import first_line
 from ..convert import UnsupportedModuleError, convert_to_bcos, gate_branches, unconverted_modules
 from ..convert.rules import is_activation, is_norm
 from ..layers import AddInverse, BcosConv2d, BcosLinear, DynamicGate
@@ -34,7 +35,7 @@ from .families import attention_evidence, family_of
 
 __all__ = ['ALIVE_SPREAD', 'COVERAGE_MODELS', 'CRASHED', 'CONVERSION_ERROR', 'EXACT', 'EXACT_TOLERANCE',
            'EXTRA_MODELS', 'INEXACT', 'OUTCOMES', 'REFUSED', 'CoverageResult', 'check_model',
-           'dynamic_gates', 'eq13_autograd', 'first_line', 'logit_bias', 'logit_spread']
+           'dynamic_gates', 'eq13_autograd', 'logit_bias', 'logit_spread']
 
 # The list the converter must handle (issue "Graph-rewriting converter").
 COVERAGE_MODELS = [
@@ -80,12 +81,6 @@ class CoverageResult:
     def alive(self) -> bool:
         """The untrained logits have a usable spread (`ALIVE_SPREAD`): neither dead nor exploding."""
         return self.spread is not None and ALIVE_SPREAD[0] <= self.spread <= ALIVE_SPREAD[1]
-
-
-def first_line(e: BaseException) -> str:
-    """The exception's type and first line (an `UnsupportedModuleError` without its list of rules)."""
-    msg = str(e).split('. Supported:')[0].strip().splitlines()
-    return f'{type(e).__name__}: {msg[0] if msg else ""}'
 
 
 def dynamic_gates(model: nn.Module) -> Tuple[Tuple[str, str], ...]:

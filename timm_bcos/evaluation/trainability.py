@@ -18,12 +18,12 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._utils import write_atomic
+from .._utils import first_line, write_atomic
 from ..convert import UnsupportedModuleError, convert_to_bcos
 from ..data import load_digits
 from ..layers import add_inverse
 from ..training import TrainConfig, loss_function
-from .coverage import CONVERSION_ERROR, CRASHED, REFUSED, first_line, logit_bias
+from .coverage import CONVERSION_ERROR, CRASHED, REFUSED, logit_bias
 from .coverage_report import check_report_path
 
 __all__ = ['REPORT_TITLE', 'TARGET_ACCURACY', 'TRAINED', 'Recipe', 'TrainabilityResult', 'check_trainability',

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from .._utils import hub_offline, url_cache_dir
+from .._utils import first_line, hub_offline, url_cache_dir
 from ..convert import calibrate_scales
 from ..layers import BcosConv2d, BcosLinear, calibration_keys
 
@@ -218,8 +218,7 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Modu
             raise
         if ':' not in model_name:  # timm's own weights (a Hub repo or a URL)
             cfg = _resolved_cfg(model_name, kwargs)
-            why = f'{type(e).__name__}: {_first_line(e).rstrip(".")}'
-            raise PretrainedWeightsError(_unavailable(model_name, cfg, why)) from e
+            raise PretrainedWeightsError(_unavailable(model_name, cfg, first_line(e).rstrip('.'))) from e
         if not model_name.startswith('hf-hub:'):
             raise
         repo = model_name[len('hf-hub:'):]
@@ -227,10 +226,6 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Modu
         raise PretrainedWeightsError(f'cannot load {repo} from the Hugging Face Hub ({offline}: {type(e).__name__}). '
                                      f'Download it where there is network access (timm-bcos pull {repo} --out DIR), '
                                      f'then load local-dir:DIR.') from e
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [''])[0]
 
 
 def _check_local_dir(path: str) -> None:
