@@ -10,9 +10,9 @@ from .data import create_transform, load_images
 from .explain import Explanation, check_dynamic_linearity, explain, explain_images
 from .hub import HubPublishError, publish, pull
 from .layers import (ActivationGate, AddInverse, BatchNormUncentered2d, BcosClassifier, BcosConv2d, BcosConv2dSame,
-                     BcosConvClassifier, BcosLinear, DetachableModule, DynamicGate, GroupNormUncentered,
-                     LayerNorm2dUncentered, LayerNormUncentered, LogitLayer, add_inverse, explanation_mode,
-                     from_reference_layout, is_explanation_mode, to_reference_layout)
+                     BcosConvClassifier, BcosLinear, DetachableModule, DynamicAttention, DynamicGate,
+                     ExplainedConstant, GroupNormUncentered, LayerNorm2dUncentered, LayerNormUncentered, LogitLayer,
+                     add_inverse, explanation_mode, from_reference_layout, is_explanation_mode, to_reference_layout)
 from .models import BcosSimpleNet, CheckpointMismatchError, PretrainedWeightsError, load_model
 from .training import CheckpointError, TrainConfig, train
 
@@ -25,9 +25,9 @@ __all__ = [
     'Explanation', 'check_dynamic_linearity', 'explain', 'explain_images', 'explanation_mode', 'is_explanation_mode',
     # layers
     'ActivationGate', 'AddInverse', 'BatchNormUncentered2d', 'BcosClassifier', 'BcosConv2d', 'BcosConv2dSame',
-    'BcosConvClassifier', 'BcosLinear', 'DetachableModule', 'DynamicGate', 'GroupNormUncentered',
-    'LayerNorm2dUncentered', 'LayerNormUncentered', 'LogitLayer', 'add_inverse', 'from_reference_layout',
-    'to_reference_layout',
+    'BcosConvClassifier', 'BcosLinear', 'DetachableModule', 'DynamicAttention', 'DynamicGate', 'ExplainedConstant',
+    'GroupNormUncentered', 'LayerNorm2dUncentered', 'LayerNormUncentered', 'LogitLayer', 'add_inverse',
+    'from_reference_layout', 'to_reference_layout',
     # models, images, weights
     'BcosSimpleNet', 'CheckpointMismatchError', 'PretrainedWeightsError', 'create_transform', 'load_images',
     'load_model',

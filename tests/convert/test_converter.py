@@ -90,9 +90,9 @@ class PadConstant(nn.Module):
         return F.pad(x, (1, 1, 1, 1), value=1.0)  # an added constant is a bias (removed); a padded one is not
 
 
-class MaxReduce(nn.Module):
+class Exponential(nn.Module):
     def forward(self, x):
-        return x.amax(1, keepdim=True).expand_as(x)
+        return x.exp()
 
 
 class DataDependent(nn.Module):
@@ -103,7 +103,7 @@ class DataDependent(nn.Module):
 @pytest.mark.parametrize('bad,match', [
     (Square(), r"fx node 'mul'\) at 'block'.*two input-dependent"),
     (PadConstant(), r"pad.*at 'block'.*non-zero constant is affine"),
-    (MaxReduce(), r"amax.*at 'block'.*not known to be linear"),
+    (Exponential(), r"exp.*at 'block'.*not known to be linear"),
     (DataDependent(), r"DataDependent at 'block'.*torch.fx cannot trace"),
 ])
 def test_unsupported_raises_with_path(bad, match):

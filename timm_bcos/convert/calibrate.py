@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..layers import AddInverse, BatchNormUncentered2d, BcosConv2d, BcosLinear, CalibratedConstant, LogitLayer
 
 __all__ = ['CalibrationResult', 'calibrate_scales', 'calibration_batch', 'calibration_size', 'calibration_state',
+           'example_input',
            'restore_calibration_state']
 
 _State = Tuple[CalibratedConstant, Optional[float], bool, Optional[float]]
@@ -42,6 +43,18 @@ def calibration_size(model: nn.Module) -> Optional[Tuple[int, int]]:
     (a user's own network: only its author knows what it takes)."""
     size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size')
     return tuple(size[1:]) if size and len(size) == 3 else None
+
+
+def example_input(model: nn.Module) -> Optional[Tensor]:
+    """Two seeded noise images as the unconverted model takes them (``pretrained_cfg['input_size']``),
+    for tracing forwards at their real shapes (two: a batch size of 1 could pass for a constant);
+    None without a pretrained_cfg input size."""
+    size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size')
+    if not size or len(size) != 3:
+        return None
+    param = next(model.parameters(), None)
+    kwargs = dict(device=param.device, dtype=param.dtype) if param is not None and param.is_floating_point() else {}
+    return torch.rand(2, *size, generator=torch.Generator().manual_seed(0)).to(**kwargs)
 
 
 def calibration_batch(model: nn.Module, batch_size: int = 4, seed: int = 0, in_chans: Optional[int] = None) -> Tensor:

@@ -11,8 +11,9 @@ from typing import List, Optional, Tuple
 from torch import Tensor, nn
 
 from ..layers import BcosConv2d, BcosLinear, DynamicGate
-from .calibrate import calibrate_scales, calibration_size, calibration_state, restore_calibration_state
-from .heads import classifier_path, convert_head, convert_stem, stem_paths
+from .calibrate import (calibrate_scales, calibration_size, calibration_state, example_input,
+                        restore_calibration_state)
+from .heads import classifier_path, classifier_paths, convert_head, convert_stem, stem_paths
 from .mixin import attach_bcos_mixin
 from .rewrite import convert_tree
 from .rules import ConversionContext, find_rule, is_activation, is_norm
@@ -124,12 +125,15 @@ def convert_to_bcos(
                       stacklevel=2)
         calibrate = False
     ctx = ConversionContext.create(b, max_out, norm, strict, gate_rule)
+    ctx.root, ctx.example_input = model, example_input(model)
     stems, classifier = stem_paths(model), classifier_path(model)
     before = calibration_state(model)  # B-cos layers the model had already
     try:
         convert_tree(model, '', ctx)
         convert_stem(model, stems, in_chans, ctx)
-        logit_bias = convert_head(model, classifier, ctx, head, logit_bias, logit_temperature)
+        for path in classifier_paths(model):  # a distilled model's second head too (the logits average both)
+            bias = convert_head(model, path, ctx, head, logit_bias, logit_temperature)
+            logit_bias = bias if path == classifier else logit_bias
         if calibrate:
             calibrate_scales(model, calibration_data, temperature=logit_temperature is None, in_chans=in_chans)
     except BaseException:

@@ -10,16 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from .graph_ops import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, GATE_FUNCTIONS, GATE_METHODS, GATE_MODULES,
                         LINEAR_FUNCTIONS, LINEAR_METHODS, MAX_POOLS, NORM_FUNCTIONS, SHAPE_ONLY,
-                        TIMM_ACTIVATION_FUNCTIONS, TIMM_GATES, divides, filter_args, flat_nodes, is_add, is_addcmul,
-                        is_creation, is_filter, is_in_place, is_power, is_product, node_label, pool_arguments,
-                        timm_functions)
+                        TIMM_ACTIVATION_FUNCTIONS, TIMM_GATES, attention_args, divides, filter_args, flat_nodes, is_add,
+                        is_addcmul, is_attention, is_creation, is_filter, is_in_place, is_linear_timm_function,
+                        is_power, is_product, node_label, pool_arguments, timm_functions)
 from .rules import (LINEAR_UPSAMPLE_MODES, TIMM_ACTIVATION_MODULES, ConversionContext, find_rule, is_activation,
-                    is_norm, keep_activation)
+                    is_linear_leaf, is_norm, keep_activation)
 from .tracing import trace_forward
 
 __all__ = ['GraphAnalysis', 'Plan', 'is_gate_module']
@@ -34,7 +35,10 @@ class Plan:
     `DynamicGate`s. `biases`: adds of a constant to an input-dependent term and the position of
     that term (0: the first operand, 1: the second, or addcmul's product), replaced by the term.
     `filter_biases`: functional convolutions whose constant bias is removed. `kept_activations`:
-    functional activations kept (B-cosification), made `ActivationGate`s.
+    functional activations kept (B-cosification), made `ActivationGate`s. `attention`: scaled
+    dot-product attentions, made `DynamicAttention`s. `constants`: tensor attributes (positional
+    embeddings, tokens: the static operands, named by the tensor attributes they come from) added to
+    or concatenated with the activations (and the activations they meet), made `ExplainedConstant`s.
     """
     drop: List[fx.Node] = field(default_factory=list)
     pools: List[fx.Node] = field(default_factory=list)
@@ -42,10 +46,13 @@ class Plan:
     biases: Dict[fx.Node, int] = field(default_factory=dict)
     filter_biases: List[fx.Node] = field(default_factory=list)
     kept_activations: List[fx.Node] = field(default_factory=list)
+    attention: List[fx.Node] = field(default_factory=list)
+    constants: Dict[fx.Node, Tuple[str, Optional[fx.Node]]] = field(default_factory=dict)
+    module_calls: Dict[fx.Node, str] = field(default_factory=dict)
 
     def empty(self) -> bool:
         return not (self.drop or self.pools or self.gate_functions or self.biases or self.filter_biases or
-                    self.kept_activations)
+                    self.kept_activations or self.attention or self.constants or self.module_calls)
 
 
 class GraphAnalysis:
@@ -93,10 +100,12 @@ class GraphAnalysis:
                     self.gate_modules.add(node.target)
                 elif node.op != 'placeholder':
                     self.plan.gate_functions.append(node)
-            elif node.op == 'call_module' and node in internal:
-                self.gate_internal_modules.add(node.target)
+            elif node.op == 'call_module' and (node in internal or not self.dynamic[node]):
+                self.gate_internal_modules.add(node.target)  # only feeds a gate, or computes a constant
             elif node.op in ('call_function', 'call_method') and self.dynamic[node]:
                 self._check(node, lenient=node in internal)
+            elif node.op == 'call_module' and self.dynamic[node]:
+                self._module_constants(node)
 
     def _is_dynamic(self, node: fx.Node) -> bool:
         if node.op == 'placeholder':  # the inputs, except specialised flags (fx names them pre_logits_1)
@@ -165,7 +174,8 @@ class GraphAnalysis:
             else:
                 dynamic = self._dynamic_args(node)
                 linear = is_product(node) or (node.op == 'call_method' and node.target in LINEAR_METHODS) or (
-                    node.op == 'call_function' and node.target in LINEAR_FUNCTIONS)
+                    node.op == 'call_function' and node.target in LINEAR_FUNCTIONS) or (
+                    node.op == 'call_module' and is_linear_leaf(self.module.get_submodule(node.target)))
                 if len(dynamic) != 1 or not linear:
                     return None
                 node = dynamic[0]
@@ -214,7 +224,7 @@ class GraphAnalysis:
             if node in gates or node.op in ('placeholder', 'output'):
                 continue
             users = list(node.users)
-            if users and all(u in gates or u in internal for u in users):
+            if users and all(u in gates or u in internal or _sets_attention(node, u) for u in users):
                 internal.add(node)
         return internal
 
@@ -237,6 +247,12 @@ class GraphAnalysis:
             self._check_addcmul(node)
         elif is_filter(node):
             self._check_filter(node)
+        elif is_attention(node):
+            self._check_attention(node)
+        elif node.op == 'call_function' and node.target in (torch.cat, torch.concat, torch.stack):
+            self._check_concat(node)
+        elif is_linear_timm_function(node):
+            return
         elif is_product(node):
             self._check_product(node)
         elif (method and target in LINEAR_METHODS) or (not method and target in LINEAR_FUNCTIONS):
@@ -274,13 +290,81 @@ class GraphAnalysis:
             if self.ctx.keep_biases:
                 return
             first = node.args[0] if node.args else node.kwargs.get('input')
-            self.plan.biases[node] = 0 if self._depends(first) else 1
+            constant = node.args[1] if self._depends(first) else first
+            sources = self._constant_sources(constant)
+            if sources and all(_positional(self._attr(s)) for s in sources):
+                self.plan.constants[constant] = ('+'.join(s.target for s in sources),
+                                                 node.args[1] if constant is first else first)
+            else:
+                self.plan.biases[node] = 0 if self._depends(first) else 1
         elif target is F.pad and node.kwargs.get(
                 'value', node.args[3] if len(node.args) > 3 else 0) not in (0, None):
             self._refuse(node, 'padding with a non-zero constant is affine')
         elif target is F.interpolate and node.kwargs.get(
                 'mode', 'nearest') not in LINEAR_UPSAMPLE_MODES:
             self._refuse(node, 'this interpolation mode is not linear')
+
+    def _check_attention(self, node: fx.Node) -> None:
+        """Linear in the value for a fixed attention matrix (query, key and mask detached when explaining)."""
+        if self._depends(attention_args(node)['value']):
+            self.plan.attention.append(node)
+        else:
+            self._refuse(node, 'attention whose value does not depend on the input (only its weights do) is not '
+                               'linear')
+
+    def _check_concat(self, node: fx.Node) -> None:
+        """Concatenated constants (class / register tokens) are explained inputs; nothing else constant may be."""
+        tensors = node.args[0] if node.args else node.kwargs.get('tensors')
+        tensors = tensors if isinstance(tensors, (list, tuple)) else ()
+        partner = next((t for t in tensors if self._depends(t)), None)
+        for t in tensors:
+            if isinstance(t, fx.Node) and not self._depends(t):
+                sources = self._constant_sources(t)
+                if sources is None or not all(self._attr(s).shape[:1] == (1,) for s in sources):
+                    self._refuse(node, 'concatenating a constant that is not a stored (1, ...) tensor (a token) is '
+                                       'affine')
+                    return
+                self.plan.constants[t] = ('+'.join(s.target for s in sources), partner)
+
+    def _module_constants(self, node: fx.Node) -> None:
+        """Learned (1, ...) tensors passed to a child with the activations (CaiT's class token into its
+        class-attention blocks) are inputs there: explained constants."""
+        args = flat_nodes((node.args, node.kwargs))
+        partner = next((a for a in args if self._depends(a)), None)
+        for arg in args:
+            if self._depends(arg):
+                continue
+            sources = self._constant_sources(arg)
+            values = [self._attr(s) for s in sources or ()]
+            if values and all(isinstance(v, nn.Parameter) and v.shape[:1] == (1,) for v in values):
+                self.plan.constants[arg] = ('+'.join(s.target for s in sources), partner)
+
+    def _attr(self, node: fx.Node) -> Any:
+        value = self.module
+        for name in node.target.split('.'):
+            value = getattr(value, name)
+        return value
+
+    def _constant_sources(self, value: Any) -> Optional[List[fx.Node]]:
+        """The tensor attributes a static value is a linear function of (through reshapes, expansion,
+        interpolation); None if it is anything else."""
+        if not isinstance(value, fx.Node):
+            return []
+        if value.op == 'get_attr':
+            return [value] if isinstance(self._attr(value), torch.Tensor) else None
+        if value.op == 'call_function' and value.target is getattr:
+            return []  # a shape
+        linear = (value.op == 'call_method' and value.target in LINEAR_METHODS | SHAPE_ONLY) or is_linear_timm_function(
+            value) or (value.op == 'call_function' and value.target in LINEAR_FUNCTIONS)
+        if not linear:
+            return None
+        found: List[fx.Node] = []
+        for arg in flat_nodes((value.args, value.kwargs)):
+            sources = self._constant_sources(arg)
+            if sources is None:
+                return None
+            found.extend(sources)
+        return found
 
     def _check_addcmul(self, node: fx.Node) -> None:
         """``input + value * t1 * t2`` (GRN's ``beta + gamma * (x * N(x))``): a constant input is a bias."""
@@ -292,10 +376,17 @@ class GraphAnalysis:
             self.plan.biases[node] = 1 if dynamic_factors else 0
 
     def _check_filter(self, node: fx.Node) -> None:
-        """A functional convolution with a constant kernel (a blur / anti-alias filter) is linear."""
+        """A functional convolution with a constant kernel (a blur / anti-alias filter) is linear;
+        ``F.linear(x, self.<linear>.weight, bias)`` is a call of that linear layer (BEiT's qkv with
+        its separate q / v biases), which the rules make a B-cos layer."""
         weight, bias = filter_args(node)
         if self._depends(weight):
             self._refuse(node, 'a convolution whose weight depends on the input is not a B-cos layer')
+        elif self._linear_module_weight(node, weight):
+            if self._depends(bias):
+                self._refuse(node, 'an input-dependent bias is not linear')
+            else:
+                self.plan.module_calls[node] = weight.target.rpartition('.')[0]
         elif self._learned(weight):
             self._refuse(node, 'a functional convolution with a learned weight (a Parameter) is not converted; '
                                'use an nn.Conv2d / nn.Linear module, which the rules make a B-cos layer')
@@ -303,6 +394,13 @@ class GraphAnalysis:
             self._refuse(node, 'an input-dependent bias is not linear')
         elif bias is not None and not self.ctx.keep_biases:
             self.plan.filter_biases.append(node)
+
+    def _linear_module_weight(self, node: fx.Node, weight: Any) -> bool:
+        """``F.linear``'s weight is the weight of an ``nn.Linear`` child of this module."""
+        if node.target is not F.linear or not isinstance(weight, fx.Node) or weight.op != 'get_attr':
+            return False
+        owner, _, attr = weight.target.rpartition('.')
+        return attr == 'weight' and isinstance(self.module.get_submodule(owner) if owner else None, nn.Linear)
 
     def _learned(self, node: Any) -> bool:
         """Whether a static value is computed from a learned parameter."""
@@ -325,6 +423,20 @@ class GraphAnalysis:
                       else " (gate_rule='bounded')")
             self._refuse(node, 'a product of two input-dependent tensors that is not a gate x * g(...), g a '
                                f'bounded activation (sigmoid, softmax, tanh, ReLU6) or a ratio on one side{either}')
+
+
+def _sets_attention(node: fx.Node, user: fx.Node) -> bool:
+    """`node` is only the query, key or mask of the attention `user` (detached there when explaining)."""
+    if not is_attention(user):
+        return False
+    args = attention_args(user)
+    return args['value'] is not node and node in (args['query'], args['key'], args['attn_mask'])
+
+
+def _positional(value: Any) -> bool:
+    """A (1, ...) tensor that varies along more than one dimension: a positional embedding (1, N, C)
+    or (1, C, H, W), not a per-channel bias."""
+    return isinstance(value, torch.Tensor) and value.shape[:1] == (1,) and sum(d > 1 for d in value.shape) > 1
 
 
 def _is_gate_call(node: fx.Node) -> bool:

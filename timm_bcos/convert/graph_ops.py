@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 __all__ = [
-    'ACTIVATION_FUNCTIONS', 'ACTIVATION_METHODS', 'ADDS', 'GATE_FUNCTIONS', 'GATE_METHODS', 'GATE_MODULES',
-    'LINEAR_FUNCTIONS', 'LINEAR_METHODS', 'MAX_POOLS', 'NORM_FUNCTIONS', 'POWERS', 'SHAPE_ONLY',
-    'TIMM_ACTIVATION_FUNCTIONS', 'TIMM_GATES', 'divides', 'filter_args', 'flat_nodes', 'is_add', 'is_addcmul',
-    'is_creation', 'is_filter', 'is_in_place', 'is_power', 'is_product', 'node_label', 'pool_arguments',
-    'timm_functions',
+    'ACTIVATION_FUNCTIONS', 'ACTIVATION_METHODS', 'ADDS', 'ATTENTION_FUNCTIONS', 'GATE_FUNCTIONS', 'GATE_METHODS',
+    'GATE_MODULES', 'LINEAR_FUNCTIONS', 'LINEAR_METHODS', 'LINEAR_TIMM_FUNCTIONS', 'MAX_POOLS', 'NORM_FUNCTIONS',
+    'POWERS', 'SHAPE_ONLY', 'TIMM_ACTIVATION_FUNCTIONS', 'TIMM_GATES', 'attention_args', 'divides', 'filter_args',
+    'flat_nodes', 'is_add', 'is_addcmul', 'is_attention', 'is_creation', 'is_filter', 'is_in_place',
+    'is_linear_timm_function', 'is_power', 'is_product', 'node_label', 'pool_arguments', 'timm_functions',
 ]
 
 
@@ -63,25 +63,44 @@ LINEAR_FUNCTIONS = {
     operator.add, operator.iadd, operator.sub, operator.isub, operator.neg, operator.pos, operator.getitem,
     torch.add, torch.sub, torch.neg, torch.cat, torch.concat, torch.stack, torch.split, torch.chunk,
     torch.unbind, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-    torch.unsqueeze, torch.narrow, torch.roll, torch.flip, torch.mean, torch.sum, F.avg_pool1d,
+    torch.unsqueeze, torch.narrow, torch.roll, torch.flip, torch.mean, torch.sum, torch.tile, torch.repeat_interleave,
+    F.avg_pool1d,
     F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.dropout, F.dropout1d,
     F.dropout2d, F.dropout3d, F.alpha_dropout, F.pixel_shuffle, F.pixel_unshuffle, torch.channel_shuffle,
-    F.interpolate, F.pad, torch.movedim,
+    F.interpolate, F.pad, torch.movedim, F.unfold, F.fold, torch.amax,
 }
+# timm functions that fx keeps as leaves (`register_notrace_function`) and that are linear in their
+# tensor inputs (each was read): window / grid / block partitions and their reverses (reshapes and
+# permutes), crops and interpolations, token pools, a mask added to attention scores.
+LINEAR_TIMM_FUNCTIONS = {
+    'timm.models.swin_transformer': ('window_reverse',), 'timm.models.swin_transformer_v2': ('window_reverse',),
+    'timm.models.swin_transformer_v2_cr': ('window_reverse',), 'timm.models.davit': ('window_reverse',),
+    'timm.models.gcvit': ('window_reverse',),
+    'timm.models.maxxvit': ('window_reverse', 'window_reverse_nchw', 'grid_reverse', 'grid_reverse_nchw'),
+    'timm.models.nest': ('deblockify',), 'timm.models.mvitv2': ('reshape_pre_pool', 'reshape_post_pool'),
+    'timm.models.crossvit': ('scale_image',), 'timm.models.naflexvit': ('global_pool_naflex',),
+    'timm.layers.pos_embed': ('resample_abs_pos_embed', 'resample_abs_pos_embed_nhwc'),
+    'timm.layers.attention': ('maybe_add_mask',),
+}
+# Scaled dot-product attention: linear in the value for a fixed attention matrix (`DynamicAttention`).
+ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention}
+_ATTENTION_PARAMS = ('query', 'key', 'value', 'attn_mask')
 _PRODUCTS = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div,
              operator.matmul, torch.matmul, torch.einsum, torch.bmm}
 LINEAR_METHODS = {
     'view', 'reshape', 'flatten', 'unflatten', 'permute', 'transpose', 'contiguous', 'unsqueeze', 'squeeze',
     'expand', 'expand_as', 'repeat', 'narrow', 'split', 'chunk', 'unbind', 'mean', 'sum', 'add', 'add_',
     'sub', 'sub_', 'neg', 'to', 'type_as', 'float', 'double', 'half', 'bfloat16', 'clone', 'roll', 'flip',
-    'view_as', 'reshape_as', 'movedim', '__getitem__',
+    'view_as', 'reshape_as', 'movedim', '__getitem__', 'tile', 'repeat_interleave', 'unfold',
+    'amax', 'max',  # a maximum over a dimension selects an input: exact (Eq. 13) as it is
     'append', 'extend', 'insert',  # building a list passed in (vovnet's concat_list): no arithmetic
 }
 _PRODUCT_METHODS = {'mul', 'mul_', 'div', 'div_', 'matmul'}
 # Values that depend on their input only through its shape, dtype and device: static.
 _STATIC_METHODS = {'size', 'dim', 'numel', 'ndimension', 'new_empty', 'new_zeros', 'new_ones', 'new_full'}
 _CREATION_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
-                       torch.randn_like, torch.randint_like}
+                       torch.randn_like, torch.randint_like, torch.zeros, torch.ones, torch.empty, torch.full,
+                       torch.arange, torch.linspace, torch.eye}
 SHAPE_ONLY = {'view', 'reshape', 'flatten', 'unflatten', 'expand', 'expand_as', 'unsqueeze', 'squeeze',
               'permute', 'transpose', 'contiguous', 'view_as', 'reshape_as', 'to', 'type_as'}
 # Functional linear maps, ``f(input, weight, bias=None, ...)``.
@@ -98,6 +117,22 @@ def flat_nodes(obj) -> List[fx.Node]:
     out: List[fx.Node] = []
     fx.node.map_arg(obj, lambda n: out.append(n))
     return out
+
+
+def is_linear_timm_function(node: fx.Node) -> bool:
+    target = node.target
+    return node.op == 'call_function' and getattr(target, '__name__', None) in LINEAR_TIMM_FUNCTIONS.get(
+        getattr(target, '__module__', None), ())
+
+
+def is_attention(node: fx.Node) -> bool:
+    return node.op == 'call_function' and node.target in ATTENTION_FUNCTIONS
+
+
+def attention_args(node: fx.Node) -> Dict[str, Any]:
+    """query, key, value and attn_mask of a scaled dot-product attention node (absent ones: None)."""
+    args = dict(zip(_ATTENTION_PARAMS, node.args), **{k: v for k, v in node.kwargs.items() if k in _ATTENTION_PARAMS})
+    return {k: args.get(k) for k in _ATTENTION_PARAMS}
 
 
 def _calls(node: fx.Node, targets) -> bool:

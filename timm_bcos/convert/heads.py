@@ -12,7 +12,8 @@ from ..layers import BcosClassifier, BcosConv2d, BcosConv2dSame, BcosConvClassif
 from .rewrite import convert_tree
 from .rules import ConversionContext, UnsupportedModuleError
 
-__all__ = ['classifier_path', 'convert_head', 'convert_stem', 'reconvert_classifier', 'set_submodule', 'stem_paths']
+__all__ = ['classifier_path', 'classifier_paths', 'convert_head', 'convert_stem', 'reconvert_classifier',
+           'set_submodule', 'stem_paths']
 
 
 def _module_path(model: nn.Module, target: Optional[nn.Module]) -> Optional[str]:
@@ -27,10 +28,24 @@ def stem_paths(model: nn.Module) -> List[str]:
     return next(([n] for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), [])
 
 
+def classifier_paths(model: nn.Module) -> List[str]:
+    """Every classifier whose outputs are the logits: a distilled model's (DeiT, LeViT) averages two,
+    ``(head(x) + head_dist(x)) / 2``, so both need the logit map of Eq. 16."""
+    found = model.get_classifier() if hasattr(model, 'get_classifier') else None
+    if isinstance(found, (tuple, list)):
+        paths = [_module_path(model, m) for m in found]
+        if all(p is not None for p in paths):
+            return paths
+    path = classifier_path(model)
+    return [path] if path is not None else []
+
+
 def classifier_path(model: nn.Module) -> Optional[str]:
-    """timm's get_classifier(), else pretrained_cfg['classifier'], else the last Linear."""
+    """timm's get_classifier() (the first of a distilled model's two), else
+    pretrained_cfg['classifier'], else the last Linear."""
     if hasattr(model, 'get_classifier'):
-        path = _module_path(model, model.get_classifier())
+        found = model.get_classifier()
+        path = _module_path(model, found[0] if isinstance(found, (tuple, list)) and found else found)
         if path is not None:
             return path
     cfg_path = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier')
@@ -60,8 +75,12 @@ def convert_stem(model: nn.Module, paths: Sequence[str], in_chans: int, ctx: Con
         image_chans = ((getattr(model, 'pretrained_cfg', None) or {}).get('input_size') or (3,))[0]
     for path in paths:
         conv = _get_submodule(model, path)
+        if isinstance(conv, BcosLinear) and conv.in_features % image_chans == 0:
+            _convert_linear_stem(model, path, conv, image_chans, in_chans, ctx)
+            continue
         if not isinstance(conv, BcosConv2d):
-            raise UnsupportedModuleError(path, type(conv).__name__, 'the stem must be a convolution')
+            raise UnsupportedModuleError(path, type(conv).__name__, 'the stem must be a convolution or a linear '
+                                                                    'patch embedding')
         multiple = conv.in_channels // image_chans if conv.in_channels % image_chans == 0 else 1
         stem_chans = in_chans * multiple
         if conv.in_channels in (in_chans, stem_chans):
@@ -75,6 +94,16 @@ def convert_stem(model: nn.Module, paths: Sequence[str], in_chans: int, ctx: Con
             new = BcosConv2d(stem_chans, conv.out_channels, conv.kernel_size, padding=conv.padding,
                              padding_mode=conv.padding_mode, **kwargs)
         set_submodule(model, path, new.to(device=conv.weight.device, dtype=conv.weight.dtype), ctx)
+
+
+def _convert_linear_stem(model: nn.Module, path: str, stem: BcosLinear, image_chans: int, in_chans: int,
+                         ctx: ConversionContext) -> None:
+    """A linear patch embedding (NaFlexViT's) of flattened image patches: the patchify reshape takes
+    any channel count, so the layer takes ``in_chans`` per pixel instead of the image's."""
+    features = stem.in_features // image_chans * in_chans
+    if features != stem.in_features:
+        new = BcosLinear(features, stem.out_features, **ctx.bcos_kwargs())
+        set_submodule(model, path, new.to(device=stem.weight.device, dtype=stem.weight.dtype), ctx)
 
 
 def convert_head(model: nn.Module, path: Optional[str], ctx: ConversionContext, head: str, logit_bias: Optional[float],

@@ -8,29 +8,45 @@ functional activations are removed; functional max-pools become average pools; c
 input-dependent tensors (biases) are removed; in a product of two input-dependent tensors, the side
 that comes from a squashing activation (or, by default, the one side whose own branch has an
 activation or a norm) is a *gate* and becomes a `DynamicGate` (detached in explanation mode, so
-``x * g(x)`` is part of ``W(x) x``, Eq. 13). Anything else cannot be shown to
+``x * g(x)`` is part of ``W(x) x``, Eq. 13). Attention is such a product (softmax(q kᵀ) v);
+``F.scaled_dot_product_attention`` becomes a `DynamicAttention` (q, k detached when explaining).
+Stored (1, ...) tensors added to or concatenated with the activations -- positional embeddings,
+class / register / distillation tokens -- become `ExplainedConstant`s: inputs of the explanation,
+so that ``f(x) = W(x) x + W_c(x) c + b`` holds exactly. Anything else cannot be shown to
 keep dynamic linearity and raises `UnsupportedModuleError` (or warns, ``strict=False``). Leaf
-modules are then replaced by `MODULE_RULES` (pass 2).
+modules are then replaced by `MODULE_RULES` (pass 2). A forward that fx cannot trace
+symbolically is traced at the module's input in one forward of the model (`trace_concrete`).
 """
 from __future__ import annotations
 
+import inspect
 import operator
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
 
-from ..layers import ActivationGate, DynamicGate
+from ..layers import ActivationGate, DynamicAttention, DynamicGate, ExplainedConstant
 from .graph_analysis import GraphAnalysis, Plan
-from .graph_ops import MAX_POOLS, is_addcmul, pool_arguments
-from .rules import TRUSTED_FORWARDS, ConversionContext, find_rule, is_activation
+from .graph_ops import MAX_POOLS, filter_args, flat_nodes, is_addcmul, is_in_place, pool_arguments
+from .rules import TRUSTED_FORWARDS, ConversionContext, UnsupportedModuleError, find_rule, is_activation
+from .tracing import concrete_args, method_function
 
 __all__ = ['RewrittenForward', 'analyse_and_rewrite', 'convert_tree']
 
 
-def _rewrite(graph: fx.Graph, plan: Plan, gate_names: Dict[fx.Node, str]) -> None:
+def _rewrite(graph: fx.Graph, plan: Plan, gate_names: Dict[fx.Node, str], keep_biases: bool = False) -> None:
     """Apply a plan to a graph in place (biases before activations: a bias term may be one)."""
-    for node in plan.gate_functions + plan.kept_activations:
+    for node, child in plan.module_calls.items():
+        _, bias = filter_args(node)
+        with graph.inserting_before(node):
+            new = graph.call_module(child, (node.args[0] if node.args else node.kwargs['input'],))
+            if keep_biases and bias is not None:
+                new = graph.call_function(operator.add, (new, bias))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        _erase_unused(graph, bias)
+    for node in plan.gate_functions + plan.kept_activations + plan.attention:
         with graph.inserting_before(node):
             new = graph.call_module(gate_names[node], node.args, node.kwargs)  # softmax(x, dim) keeps its dim
         node.replace_all_uses_with(new)
@@ -52,7 +68,27 @@ def _rewrite(graph: fx.Graph, plan: Plan, gate_names: Dict[fx.Node, str]) -> Non
     for node in plan.drop:
         node.replace_all_uses_with(node.args[0])
         graph.erase_node(node)
+    for node, (_, partner) in plan.constants.items():
+        with graph.inserting_before(_first_user(graph, node)):
+            new = graph.call_module(gate_names[node], (node, partner))
+        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
     graph.lint()
+
+
+def _first_user(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return min(node.users, key=order.__getitem__)
+
+
+def _erase_unused(graph: fx.Graph, node) -> None:
+    """Erase `node` if nothing uses it any more, then its inputs likewise (a removed bias's computation)."""
+    if not isinstance(node, fx.Node) or getattr(node, '_erased', False) or node.users or node.op not in (
+            'get_attr', 'call_function', 'call_method') or is_in_place(node):
+        return
+    inputs = list(dict.fromkeys(flat_nodes((node.args, node.kwargs))))
+    graph.erase_node(node)
+    for n in inputs:
+        _erase_unused(graph, n)
 
 
 def _bias_free_term(graph: fx.Graph, node: fx.Node, position: int) -> fx.Node:
@@ -78,30 +114,53 @@ def analyse_and_rewrite(module: nn.Module, path: str, ctx: ConversionContext, me
     if method == 'forward' and type(module).forward is nn.Sequential.forward:
         return  # a plain chain of its children
     try:
-        traces = {mode: ctx.traces.trace_forwards(module, mode, method) for mode in (False, True)}
+        traces = {mode: ctx.traces.trace_forwards(module, mode, method, lambda: ctx.example(path, method))
+                  for mode in (False, True)}
     except Exception as e:  # untraceable python control flow, unsupported constructs
+        if method == 'forward' and ctx.example(path, method) is None and ctx.ran_without(path):
+            return  # the model's forward never calls it (Hiera's reroll for intermediates): nothing to convert
         ctx.unsupported(path, type(module).__name__, f'torch.fx cannot trace its forward ({type(e).__name__}: '
                                                      f'{str(e).splitlines()[0] if str(e) else ""})')
         return
     plans: Dict[bool, List[Plan]] = {}
-    for mode, (mode_traces, _) in traces.items():
-        plans[mode] = [_analyse(module, graph, specialised, path, ctx) for graph, specialised in mode_traces]
+    for mode, (mode_traces, is_list) in traces.items():
+        kept = [(graph, specialised, _analyse(module, graph, specialised, path, ctx, optional=i > 0 and not is_list))
+                for i, (graph, specialised) in enumerate(mode_traces)]
+        kept = [k for k in kept if k[2] is not None]
+        traces[mode] = ([(graph, specialised) for graph, specialised, _ in kept], is_list)
+        plans[mode] = [plan for _, _, plan in kept]
     if all(p.empty() for mode_plans in plans.values() for p in mode_plans):
         return
     reason = _cannot_rewrite(traces)
     if reason:
         ctx.unsupported(path, f'{type(module).__name__}.{method}', reason)
         return
-    rewritten = {}
-    for mode, (((graph, _),), _) in traces.items():
-        rewritten[mode] = _rewritten_graph(module, graph, plans[mode][0], ctx)
-    ctx.set(module, method, RewrittenForward(module, rewritten[True], rewritten[False]))
+    fn = method_function(module, method)
+    optional = frozenset(concrete_args(fn))
+    variants: Dict[frozenset, Dict[bool, fx.GraphModule]] = {}
+    for mode, (mode_traces, _) in traces.items():
+        for (graph, specialised), plan in zip(mode_traces, plans[mode]):
+            key = frozenset(specialised) & optional  # fixed inputs of a concrete trace are not a variant
+            variants.setdefault(key, {})[mode] = _rewritten_graph(module, path, graph, plan, ctx)
+    ctx.set(module, method, RewrittenForward(module, fn, {k: (v[True], v[False]) for k, v in variants.items()}))
 
 
-def _analyse(module: nn.Module, graph: fx.Graph, specialised, path: str, ctx: ConversionContext) -> Plan:
-    """Run the analysis of one traced graph; record its gate modules and gate-only modules in `ctx`."""
+def _analyse(module: nn.Module, graph: fx.Graph, specialised, path: str, ctx: ConversionContext,
+             optional: bool = False) -> Optional[Plan]:
+    """Run the analysis of one traced graph; record its gate modules and gate-only modules in `ctx`.
+    An `optional` graph (with optional inputs given) that cannot be converted is left out (None):
+    calls with those inputs then fail with a clear error."""
     analysis = GraphAnalysis(module, graph, specialised, path, ctx)
-    analysis.run()
+    strict = ctx.strict
+    ctx.strict = strict or optional
+    try:
+        analysis.run()
+    except UnsupportedModuleError:
+        if not optional:
+            raise
+        return None
+    finally:
+        ctx.strict = strict
     ctx.gates.update(f'{path}.{t}' if path else t for t in analysis.gate_modules)
     ctx.exempt.update(f'{path}.{t}' if path else t for t in analysis.gate_internal_modules)
     return analysis.plan
@@ -112,25 +171,43 @@ def _cannot_rewrite(traces) -> Optional[str]:
     rewrites = 'inline rewrites (activations, max-pools, biases)'
     if any(is_list for _, is_list in traces.values()):
         return f'{rewrites} in a forward traced with list inputs (one graph per list length) cannot be rewritten'
-    specialised = traces[False][0][0][1]
-    if specialised:
-        return (f'{rewrites} in a forward with optional arguments ({", ".join(sorted(specialised))}) cannot be '
-                f'rewritten')
     return None
 
 
-def _rewritten_graph(module: nn.Module, graph: fx.Graph, plan: Plan, ctx: ConversionContext) -> fx.GraphModule:
+def _rewritten_graph(module: nn.Module, path: str, graph: fx.Graph, plan: Plan,
+                     ctx: ConversionContext) -> fx.GraphModule:
     """Apply `plan` to `graph`; its gate functions become `DynamicGate` children of `module` (journaled)."""
     gate_names = {}
-    for prefix, wrap, nodes in (('bcos_gate', DynamicGate, plan.gate_functions),
-                                ('bcos_act', ActivationGate, plan.kept_activations)):
+    for prefix, wrap, nodes in (
+            ('bcos_gate', lambda n: DynamicGate(_function(n)), plan.gate_functions),
+            ('bcos_act', lambda n: ActivationGate(_function(n)), plan.kept_activations),
+            ('bcos_attn', lambda n: DynamicAttention(), plan.attention),
+            ('bcos_const', lambda n: ExplainedConstant(f'{path}.{plan.constants[n][0]}' if path else
+                                                       plan.constants[n][0]), list(plan.constants))):
         for i, node in enumerate(nodes):
             name = f'{prefix}_{i}'
             if not hasattr(module, name):
-                ctx.set(module, name, wrap(node.target if node.op == 'call_function' else _MethodCall(node.target)))
+                ctx.set(module, name, wrap(node))
             gate_names[node] = name
-    _rewrite(graph, plan, gate_names)
+    _rewrite(graph, plan, gate_names, ctx.keep_biases)
+    _drop_specialisation_asserts(graph)
     return fx.GraphModule(module, graph)
+
+
+def _drop_specialisation_asserts(graph: fx.Graph) -> None:
+    """fx's checks that specialised arguments have their traced values: `RewrittenForward` checks
+    them itself (and fx cannot unpickle a graph that calls ``_assert_is_none``)."""
+    for node in list(graph.nodes):
+        message = node.args[1] if node.op == 'call_function' and len(node.args) > 1 else None
+        if isinstance(message, str) and 'has been specialized' in message:
+            condition = node.args[0]
+            graph.erase_node(node)
+            if isinstance(condition, fx.Node) and condition.op == 'call_function' and not condition.users:
+                graph.erase_node(condition)
+
+
+def _function(node: fx.Node):
+    return node.target if node.op == 'call_function' else _MethodCall(node.target)
 
 
 class _MethodCall:
@@ -148,16 +225,35 @@ class RewrittenForward:
     ``forward_features``, ...): the graphs traced in train and eval mode, run on the module itself.
 
     The graphs are fx GraphModules holding the module's own children, so the model pickles and
-    deep-copies like any other (fx regenerates their code when unpickled).
+    deep-copies like any other (fx regenerates their code when unpickled). Flags (``pre_logits=False``)
+    were traced at their defaults, which is all the rewritten method accepts; optional tensor inputs
+    (``mask=None``) were traced left out and given, one graph (`variants`, by the arguments left at
+    their defaults) each.
     """
 
-    def __init__(self, module: nn.Module, train_graph: fx.GraphModule, eval_graph: fx.GraphModule) -> None:
+    def __init__(self, module: nn.Module, fn: Callable,
+                 variants: Dict[frozenset, Tuple[fx.GraphModule, fx.GraphModule]]) -> None:
         self.module = module
-        self.graphs = (train_graph, eval_graph)
+        self.signature = inspect.signature(fn)
+        self.defaults = concrete_args(fn)
+        self.variants = variants
 
     def __call__(self, *args, **kwargs):
-        graph = self.graphs[0] if self.module.training else self.graphs[1]
-        return type(graph).forward(self.module, *args, **kwargs)
+        bound = self.signature.bind(self.module, *args, **kwargs)
+        bound.apply_defaults()
+        values = bound.arguments
+        for name, default in self.defaults.items():
+            if isinstance(default, bool) and values[name] != default:
+                raise ValueError(f'the B-cos conversion of {type(self.module).__name__} traced its forward with '
+                                 f'{name}={default!r}; it cannot take {name}={values[name]!r}')
+        specialised = frozenset(k for k, v in self.defaults.items() if values[k] is v)
+        if specialised not in self.variants:
+            given, left = ', '.join(sorted(set(self.defaults) - specialised)), ', '.join(sorted(specialised))
+            raise ValueError(f'the B-cos conversion of {type(self.module).__name__} has no graph for its forward '
+                             f'with {given} given and {left or "nothing"} left out')
+        graphs = self.variants[specialised]
+        graph = graphs[0] if self.module.training else graphs[1]
+        return type(graph).forward(*bound.args, **bound.kwargs)
 
 
 # --- the tree walk: pass 1 on custom modules, pass 2 on leaves -------------------------------------

@@ -23,7 +23,7 @@ from .tracing import TraceCache
 
 __all__ = ['ConversionContext', 'LINEAR_UPSAMPLE_MODES', 'MODULE_RULES', 'ModuleRule', 'SUPPORTED_SUMMARY',
            'TIMM_ACTIVATION_MODULES', 'TRUSTED_FORWARDS', 'UnsupportedModuleError', 'find_rule', 'is_activation',
-           'is_norm', 'keep_activation', 'pair', 'timm_classes']
+           'is_linear_leaf', 'is_norm', 'keep_activation', 'pair', 'timm_classes']
 
 
 class UnsupportedModuleError(TypeError):
@@ -63,7 +63,7 @@ _LINEAR_LEAVES = (
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.AvgPool1d,
     nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten,
     nn.Unflatten, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d, nn.PixelShuffle,
-    nn.PixelUnshuffle, nn.ChannelShuffle,
+    nn.PixelUnshuffle, nn.ChannelShuffle, nn.Unfold, nn.Fold,
 )
 LINEAR_UPSAMPLE_MODES = ('nearest', 'nearest-exact', 'linear', 'bilinear', 'bicubic', 'trilinear', 'area')
 
@@ -76,7 +76,7 @@ def is_norm(m: nn.Module) -> bool:
     return isinstance(m, _TORCH_NORMS) or type(m).__module__ in _TIMM_NORM_MODULES
 
 
-def _is_linear_leaf(m: nn.Module) -> bool:
+def is_linear_leaf(m: nn.Module) -> bool:
     if isinstance(m, nn.Upsample):
         return m.mode in LINEAR_UPSAMPLE_MODES
     if isinstance(m, nn.ConstantPad2d):
@@ -110,10 +110,13 @@ class ConversionContext:
     activations: str = 'remove'
     max_pool: str = 'avg'
     gates: Set[str] = field(default_factory=set)
-    traces: TraceCache = field(default_factory=TraceCache)
+    traces: TraceCache = field(default_factory=lambda: TraceCache(lambda m: find_rule(m) is None))
     exempt: Set[str] = field(default_factory=set)
     journal: List[Tuple[Any, str, bool, Any]] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)  # strict=False: what was left unconverted, and why
+    root: Optional[nn.Module] = None  # the model, and an input of it: examples for `trace_concrete`
+    example_input: Optional[torch.Tensor] = None
+    _examples: Optional[Dict[str, Any]] = None
 
     @classmethod
     def create(cls, b: float, max_out: int, norm: str, strict: bool = True,
@@ -122,6 +125,25 @@ class ConversionContext:
         (``scale='auto'``); with uncentered norms (v2) the layers are unscaled."""
         return cls(b=b, max_out=max_out, norm=norm, strict=strict, scale='auto' if norm == 'none' else None,
                    gate_rule=gate_rule)
+
+    def example(self, path: str, method: str) -> Optional[Any]:
+        """The inputs of the module at `path` in one forward of the model (`record_examples`, run
+        once, on first need), for a forward fx cannot trace symbolically; None if unknown."""
+        if self.root is None or self.example_input is None:
+            return None
+        if method != 'forward':
+            return ((self.example_input,), {}) if not path and method == 'forward_features' else None
+        if self._examples is None:
+            from .concrete_trace import record_examples
+            try:
+                self._examples = record_examples(self.root, self.example_input)
+            except Exception:  # the partly converted model does not run: no examples
+                self._examples = {}
+        return self._examples.get(path)
+
+    def ran_without(self, path: str) -> bool:
+        """Whether the recorded forward of the model ran and did not call the module at `path`."""
+        return bool(self._examples) and path not in self._examples
 
     def set(self, obj: Any, name: str, value: Any) -> None:
         """``setattr(obj, name, value)``, journaled for `undo` (the converter changes models only so)."""
@@ -344,15 +366,17 @@ MODULE_RULES: List[ModuleRule] = [
     ModuleRule('recurrent layer (LSTM, GRU, RNN) (unsupported)', lambda m: isinstance(m, nn.RNNBase),
                _unsupported_recurrent),
     ModuleRule('linear module (identity, dropout, drop-path, avg-pool, flatten, upsample, zero-pad) kept',
-               _is_linear_leaf, _keep),
+               is_linear_leaf, _keep),
 ]
 
 SUPPORTED_SUMMARY = '; '.join(r.name for r in MODULE_RULES) + (
     '; inline residual adds, concatenation, reshapes, mean/sum, average pools, fixed (non-learned) '
     'filters, products with parameters or constants (layer scale), gated products x * g(...) with g a '
     'squashing activation or a ratio (squeeze-excite, GRN) or the one side with an activation or a norm '
-    '(GLU-style, gMLP, FocalNet); inline activations (incl. powers) and '
-    'biases (constants added) are removed')
+    '(GLU-style, gMLP, FocalNet); attention (softmax(q k^T) v, scaled_dot_product_attention: q, k and the '
+    'mask detached when explaining); positional embeddings and tokens (stored (1, ...) tensors added or '
+    'concatenated: explained constants); maxima over a dimension (kept); inline activations (incl. powers) '
+    'and biases (other constants added) are removed')
 
 
 # Modules whose forward torch.fx cannot trace (control flow on shapes, list inputs). Each forward was

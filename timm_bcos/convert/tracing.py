@@ -11,18 +11,23 @@ traces each structure once per mode (fx's tracer costs ~20 ms a call, whatever t
 from __future__ import annotations
 
 import copy
+import itertools
 import inspect
 from typing import Any, Callable, Dict, Hashable, List, Optional, Set, Tuple
 
 import torch
 from torch import fx, nn
 
+from .concrete_trace import ConcreteTracer, Example
 from .graph_ops import TIMM_ACTIVATION_FUNCTIONS, timm_functions
 
-__all__ = ['LIST_LENGTHS', 'Trace', 'TraceCache', 'trace_forward', 'trace_forwards']
+__all__ = ['LIST_LENGTHS', 'MAX_OPTIONAL_GRAPHS', 'Trace', 'TraceCache', 'concrete_args', 'method_function',
+           'trace_concrete', 'trace_forward', 'trace_forwards']
 
 # The list lengths tried for a forward that takes a list input.
 LIST_LENGTHS = (1, 2, 3, 4)
+# Graphs traced with some optional ``=None`` inputs given, at most (each subset, smallest first).
+MAX_OPTIONAL_GRAPHS = 7
 
 
 class _Tracer(fx.Tracer):
@@ -37,13 +42,14 @@ class _Tracer(fx.Tracer):
         autowrap = tuple(f for f in get_notrace_functions() if callable(f)) + timm_functions(
             *TIMM_ACTIVATION_FUNCTIONS)
         super().__init__(autowrap_functions=autowrap)
+        self.autowrap = autowrap
         self._root = root
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return m is not self._root
 
 
-def _concrete_args(fn: Callable) -> Dict[str, Any]:
+def concrete_args(fn: Callable) -> Dict[str, Any]:
     """Optional flags and inputs of a forward (``pre_logits=False``, ``children=None``) are traced at
     their defaults: fx cannot branch on a symbolic value."""
     params = list(inspect.signature(fn).parameters.values())[2:]  # after self and the input
@@ -53,7 +59,7 @@ def _concrete_args(fn: Callable) -> Dict[str, Any]:
 Trace = Tuple[fx.Graph, Set[str]]  # a graph and the names of the arguments it was specialised on
 
 
-def _method_function(module: nn.Module, method: str) -> Callable:
+def method_function(module: nn.Module, method: str) -> Callable:
     """The function `module.<method>` runs: an instance's own (fasternet's ``self.forward =
     self.forward_slicing``) or its class's."""
     own = getattr(vars(module).get(method), '__func__', None)
@@ -73,12 +79,14 @@ def _takes_list(fn: Callable) -> bool:
 
 
 def trace_forward(module: nn.Module, training: bool, method: str = 'forward',
-                  list_length: Optional[int] = None) -> Trace:
+                  list_length: Optional[int] = None, given: Tuple[str, ...] = ()) -> Trace:
     """Trace `module.<method>` in train or eval mode (its first input a list of `list_length`
-    tensors if given); returns the graph and the specialised arguments."""
+    tensors if given; the optional ``=None`` inputs named in `given` as tensors); returns the
+    graph and the specialised arguments."""
     cls, was = type(module), module.training
-    fn = _method_function(module, method)
-    concrete = _concrete_args(fn)
+    fn = method_function(module, method)
+    concrete = concrete_args(fn)
+    concrete = {k: v for k, v in concrete.items() if k not in given}
     specialised = set(concrete)
     if list_length is not None:
         concrete[_first_input(fn).name] = [fx.PH] * list_length
@@ -93,16 +101,24 @@ def trace_forward(module: nn.Module, training: bool, method: str = 'forward',
 
 
 def trace_forwards(module: nn.Module, training: bool, method: str = 'forward') -> Tuple[List[Trace], bool]:
-    """The traces of a forward: with a tensor input and, if its signature says the input is a
-    list, with a list of each length of `LIST_LENGTHS` (all that trace). Returns them and whether
+    """The traces of a forward: with a tensor input (its optional ``=None`` inputs left out, and
+    each subset of them given), and, if its signature says the input is a list, with a list of each length of
+    `LIST_LENGTHS` (all that trace). Returns them and whether
     there are list traces; raises the tensor trace's error if nothing traces."""
     traces, error = [], None
     try:
         traces.append(trace_forward(module, training, method))
     except Exception as e:
         error = e
+    optional = [k for k, v in concrete_args(method_function(module, method)).items() if v is None]
+    subsets = [c for r in range(1, len(optional) + 1) for c in itertools.combinations(optional, r)]
+    for given in subsets[:MAX_OPTIONAL_GRAPHS] if traces else ():
+        try:  # optional tensor inputs (a mask, rotary embeddings) given: their own graph
+            traces.append(trace_forward(module, training, method, given=given))
+        except Exception:
+            pass
     lists = []
-    if _takes_list(_method_function(module, method)):
+    if _takes_list(method_function(module, method)):
         for length in LIST_LENGTHS:
             try:
                 lists.append(trace_forward(module, training, method, length))
@@ -128,12 +144,13 @@ def _value_key(value: Any) -> Hashable:
     return 'id', id(value)
 
 
-def structure_key(module: nn.Module) -> Hashable:
+def structure_key(module: nn.Module, detailed: Callable[[nn.Module], bool] = lambda m: False) -> Hashable:
     """What a module's own forward, traced with its children as leaves, depends on: its class,
     attribute values and tensor shapes, and its submodule tree's names, classes and flags (bool /
-    str / None attributes). Two modules with the same key trace to the same graph. Children's
-    sizes (channel counts, weight shapes) are left out: a forward refers to a child's tensors by
-    name and calls the child, it does not read its sizes (timm's forwards do not)."""
+    str / None attributes). Two modules with the same key trace to the same graph. The sizes
+    (channel counts, weight shapes) of the layers the rules replace are left out: a forward calls
+    such a layer, it does not read its sizes. A `detailed` child (a custom one, e.g. a relative
+    position bias whose window size a forward reads) counts with all its attributes."""
     def own(m: nn.Module, everything: bool) -> Hashable:
         attrs = tuple(sorted((k, _value_key(v)) for k, v in vars(m).items() if k not in _MODULE_INTERNALS and (
             everything or v is None or isinstance(v, (bool, str)))))
@@ -141,19 +158,70 @@ def structure_key(module: nn.Module) -> Hashable:
                         for k, t in (*m._parameters.items(), *m._buffers.items()))
         return type(m), attrs, tensors, tuple(m._modules)
 
-    return tuple((name, own(m, not name)) for name, m in module.named_modules(remove_duplicate=False))
+    return tuple((name, own(m, not name or ('.' not in name and detailed(m))))
+                 for name, m in module.named_modules(remove_duplicate=False))
+
+
+def _holds_tensor(value: Any) -> bool:
+    found = []
+    fx.node.map_aggregate(value, lambda v: found.append(v) if isinstance(v, torch.Tensor) else None)
+    return bool(found)
+
+
+def trace_concrete(module: nn.Module, training: bool, method: str, example: Example) -> Trace:
+    """Trace `module.<method>` by running it on `example` (`ConcreteTracer`): the graph of the
+    control flow taken at that input. Optional inputs left at their defaults in the example are
+    specialised (a call that gives them has no graph)."""
+    cls, was = type(module), module.training
+    fn = method_function(module, method)
+    bound = inspect.signature(fn).bind(module, *example[0], **example[1])
+    bound.apply_defaults()
+    specialised = {k for k, v in concrete_args(fn).items() if bound.arguments.get(k, v) is v}
+    module.train(training)
+    if fn is not cls.forward:
+        module.__class__ = type(cls.__name__, (cls,), {'forward': fn})
+    # non-tensor inputs are constants of the graph: scalars fixed in it, sizes (tuples) static inputs
+    static = {k for k, v in list(bound.arguments.items())[1:] if not _holds_tensor(v)}
+    fixed = {k: bound.arguments[k] for k in static if isinstance(bound.arguments[k], (int, float, str, type(None)))}
+    try:
+        tracer = ConcreteTracer(module, dict(bound.arguments), _Tracer().autowrap)
+        return tracer.trace(module, concrete_args=fixed or None), specialised | static
+    finally:
+        module.__class__ = cls
+        module.train(was)
 
 
 class TraceCache:
-    """`trace_forwards` once per module structure (`structure_key`) and mode; each lookup returns a
-    copy of the graphs (the fx pass rewrites them in place)."""
+    """`trace_forwards` once per module structure (`structure_key` with `detailed` children) and
+    mode; each lookup returns a copy of the graphs (the fx pass rewrites them in place). A forward
+    fx cannot trace is traced at an example input (`trace_concrete`; not cached: it depends on the
+    input size)."""
 
-    def __init__(self) -> None:
-        self._traces: Dict[Hashable, Tuple[List[Trace], bool]] = {}
+    def __init__(self, detailed: Callable[[nn.Module], bool] = lambda m: False) -> None:
+        self.detailed = detailed
+        self._traces: Dict[Hashable, Tuple[List[Trace], bool, nn.Module]] = {}
+        self._untraceable: Dict[Hashable, Exception] = {}
 
-    def trace_forwards(self, module: nn.Module, training: bool, method: str = 'forward') -> Tuple[List[Trace], bool]:
-        key = (structure_key(module), training, method)
-        if key not in self._traces:
-            self._traces[key] = trace_forwards(module, training, method)
-        traces, is_list = self._traces[key]
+    def trace_forwards(self, module: nn.Module, training: bool, method: str = 'forward',
+                       example: Optional[Callable[[], Optional[Example]]] = None) -> Tuple[List[Trace], bool]:
+        """The traces; tensor constants fx stored on the first module of a structure (``_tensor_constant0``)
+        are set on `module` too, which runs the same graphs. `example` gives the module's input for
+        `trace_concrete` when fx cannot trace it symbolically."""
+        key = (structure_key(module, self.detailed), training, method)
+        if key not in self._traces and key not in self._untraceable:
+            try:
+                self._traces[key] = (*trace_forwards(module, training, method), module)
+            except Exception as e:
+                self._untraceable[key] = e
+        if key in self._untraceable:
+            found = example() if example is not None else None
+            if found is None:
+                raise self._untraceable[key]
+            return [trace_concrete(module, training, method, found)], False
+        traces, is_list, source = self._traces[key]
+        for graph, _ in traces:
+            for node in graph.nodes:
+                if node.op == 'get_attr' and node.target.startswith('_tensor_constant') and not hasattr(
+                        module, node.target):
+                    setattr(module, node.target, getattr(source, node.target))
         return [(copy.deepcopy(graph), set(specialised)) for graph, specialised in traces], is_list

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .._utils import first_line
 from ..convert import UnsupportedModuleError, convert_to_bcos, gate_branches, unconverted_modules
 from ..convert.rules import is_activation, is_norm
-from ..layers import AddInverse, BcosConv2d, BcosLinear, DynamicGate
+from ..layers import AddInverse, BcosConv2d, BcosLinear, DynamicGate, contribution, explained_constants
 from .families import attention_evidence, family_of
 
 __all__ = ['ALIVE_SPREAD', 'COVERAGE_MODELS', 'CRASHED', 'CONVERSION_ERROR', 'EXACT', 'EXACT_TOLERANCE',
@@ -125,19 +125,24 @@ def logit_spread(model: nn.Module, size: Tuple[int, int], batch: int = 8) -> flo
 @torch.enable_grad()
 def eq13_autograd(model: nn.Module, x: Tensor) -> float:
     """Eq. 13 error of `model` at `x`: in explanation mode, ``W = d logit / d x`` for each sample's
-    highest and lowest logit; ``max |sum(W * x) + b - logit| / max |logit - b|``. NaN if the logits
-    equal b exactly (nothing to check), inf if any value is not finite."""
+    highest and lowest logit; ``max |sum(W * x) + sum(W_c * c) + b - logit| / max |logit - b|``, the
+    constants ``c`` being the explained constants (positional embeddings, tokens; none in a CNN).
+    NaN if the logits equal b exactly (nothing to check), inf if any value is not finite."""
     model.eval()
     b = logit_bias(model)
     x = x.detach().clone().requires_grad_(True)
-    with model.explanation_mode():
+    with model.explanation_mode(), explained_constants(model, len(x)) as constants:
         logits = model(x)
+        inputs = [x] + [c for _, c in constants]
         columns = torch.stack([logits.argmax(1), logits.argmin(1)], 1)
         selected = logits[torch.arange(len(x))[:, None], columns]
-        linear = torch.empty_like(selected)
+        linear = torch.zeros_like(selected)
         for j in range(columns.shape[1]):
-            (w,) = torch.autograd.grad(selected[:, j].sum(), x, retain_graph=j + 1 < columns.shape[1])
-            linear[:, j] = (w * x).flatten(1).sum(1)
+            grads = torch.autograd.grad(selected[:, j].sum(), inputs, retain_graph=j + 1 < columns.shape[1],
+                                        allow_unused=True)
+            for w, v in zip(grads, inputs):
+                if w is not None:
+                    linear[:, j] += contribution(w, v, len(x))
     selected, linear = selected.detach(), linear.detach()
     if not (torch.isfinite(selected).all() and torch.isfinite(linear).all()):
         return math.inf

@@ -11,13 +11,13 @@ from __future__ import annotations
 import difflib
 import math
 import warnings
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..layers import AddInverse, BcosConv2d, explanation_mode
+from ..layers import AddInverse, BcosConv2d, contribution, explained_constants, explanation_mode
 from .explanation import Explanation
 
 __all__ = ['TargetLike', 'VERIFY_TOLERANCE', 'explain']
@@ -58,10 +58,12 @@ def explain(
             per image) or an (N, T) tensor (T per image).
         layer: explain a neuron of this module (a name from ``model.named_modules()``) instead of
             the outputs, with ``W_{1->l}`` of Eq. 15. Its first call in the forward is explained.
+            Its output is (N, C, ...) channels first, or (N, L, C) tokens (a transformer block).
         neuron: with `layer`: the channel(s) to explain: an int, a sequence (the same channels for
             every image) or an (N, T) tensor.
-        position: with `layer`: the spatial position (one index per spatial dim) of the neuron;
-            default: where each image's channel activates most (as in Fig. 10).
+        position: with `layer`: the spatial position (one index per spatial dim; for tokens, the
+            token index) of the neuron; default: where each image's channel activates most (as in
+            Fig. 10).
         k: explain each image's top-k classes, ordered by logit (instead of `target`).
         verify: raise RuntimeError if Eq. 13 holds only to a relative error above 1e-4 (`check`).
     """
@@ -117,7 +119,8 @@ def _check_exact(model: nn.Module, result: Explanation, verify: bool) -> None:
 
 
 def _explain_outputs(model: nn.Module, x: Tensor, target, k: Optional[int]) -> Explanation:
-    out = model(x)
+    with explained_constants(model, len(x)) as constants:
+        out = model(x)
     if not isinstance(out, Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f'explain expects (N, classes) logits from the model, got {shape}; '
@@ -125,16 +128,17 @@ def _explain_outputs(model: nn.Module, x: Tensor, target, k: Optional[int]) -> E
     targets = _resolve_targets(target, k, out.detach())
     rows = torch.arange(len(x), device=x.device)
     selected = out[rows[:, None], targets]
-    weights = _input_rows(selected, x)
-    with torch.no_grad():
+    weights, by_constant = _input_rows(selected, x, constants)
+    with torch.no_grad(), explained_constants(model, zero=True):
         bias = model(torch.zeros_like(x[:1]))[0, targets]
     logits = selected.detach()
-    return _assemble(weights, x, logits, targets, bias, prediction=out.detach().argmax(1),
+    return _assemble(weights, x, logits, targets, bias, constants=by_constant, prediction=out.detach().argmax(1),
                      probabilities=torch.sigmoid(logits))
 
 
 def _explain_layer(model: nn.Module, module: nn.Module, name: str, x: Tensor, neuron, position) -> Explanation:
-    act = _capture(model, module, name, x)
+    with explained_constants(model, len(x)) as constants:
+        act = _channels_first(_capture(model, module, name, x))
     n, c, spatial = act.shape[0], act.shape[1], act.shape[2:]
     neurons = _resolve_neurons(neuron, n, c, x.device)
     flat = act.reshape(n, c, -1)  # (N, C, P); P = 1 for (N, C) activations
@@ -145,25 +149,39 @@ def _explain_layer(model: nn.Module, module: nn.Module, name: str, x: Tensor, ne
     else:
         index = flat.detach()[rows, neurons].argmax(-1)  # (N, T): the maximally activating location
     selected = flat[rows, neurons, index]
-    weights = _input_rows(selected, x)
-    with torch.no_grad():
-        zero = _capture(model, module, name, torch.zeros_like(x[:1])).reshape(1, c, -1)
+    weights, by_constant = _input_rows(selected, x, constants)
+    with torch.no_grad(), explained_constants(model, zero=True):
+        zero = _channels_first(_capture(model, module, name, torch.zeros_like(x[:1]))).reshape(1, c, -1)
     bias = zero[0, neurons, index]
     positions = None
     if spatial:
         sizes = torch.tensor(tuple(spatial), device=x.device)
         strides = torch.tensor([math.prod(spatial[d + 1:]) for d in range(len(spatial))], device=x.device)
         positions = index[..., None] // strides % sizes
-    return _assemble(weights, x, selected.detach(), neurons, bias, layer=name, positions=positions)
+    return _assemble(weights, x, selected.detach(), neurons, bias, constants=by_constant, layer=name,
+                     positions=positions)
 
 
-def _input_rows(selected: Tensor, x: Tensor) -> Tensor:
-    """Rows of W(x) for every column of `selected` (N, T): one backward per column, (N, T, *x)."""
+def _channels_first(act: Tensor) -> Tensor:
+    """(N, L, C) tokens as (N, C, L): a neuron is a channel at a token position."""
+    return act.transpose(1, 2) if act.dim() == 3 else act
+
+
+def _input_rows(selected: Tensor, x: Tensor,
+                constants: List[Tuple[str, Tensor]]) -> Tuple[Tensor, Optional[Dict[str, Tensor]]]:
+    """Rows of W(x) for every column of `selected` (N, T): one backward per column, (N, T, *x); and
+    the contribution ``W_c(x) c`` of each explained constant (by name, (N, T); None if there are none)."""
     t = selected.shape[1]
     weights = x.new_empty((len(x), t) + x.shape[1:])
+    leaves = [c for _, c in constants]
+    by_constant = {name: selected.new_zeros(selected.shape) for name, _ in constants} if constants else None
     for j in range(t):
-        (weights[:, j],) = torch.autograd.grad(selected[:, j].sum(), x, retain_graph=j + 1 < t)
-    return weights
+        grads = torch.autograd.grad(selected[:, j].sum(), [x] + leaves, retain_graph=j + 1 < t, allow_unused=True)
+        weights[:, j] = grads[0] if grads[0] is not None else 0
+        for (name, c), g in zip(constants, grads[1:]):
+            if g is not None:  # a constant used after the explained layer does not contribute
+                by_constant[name][:, j] += contribution(g, c.detach(), len(x))
+    return weights, by_constant
 
 
 def _assemble(weights: Tensor, x: Tensor, logits: Tensor, targets: Tensor, bias: Tensor, **extra) -> Explanation:

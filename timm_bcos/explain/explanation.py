@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from torch import Tensor
@@ -17,14 +17,16 @@ __all__ = ['Explanation']
 
 @dataclass(eq=False)
 class Explanation:
-    """Exact explanations of a batch: ``logits = contributions.sum((-2, -1)) + bias`` (Eq. 13, 15).
+    """Exact explanations of a batch: ``logits = contributions.sum((-2, -1)) + bias`` (Eq. 13, 15),
+    plus the contributions of the explained constants (a ViT's positional embedding and class
+    token) where the model has them.
 
     Attributes:
         weights: rows of the dynamic linear map W(x), (N, T, C, H, W) with C the input channels.
         contributions: ``sum_c W(x) * x``, the spatial contribution maps of Eq. 15, (N, T, H, W).
         logits: the explained outputs (class logits, or activations of `layer`), (N, T).
         targets: the explained class (or channel) per image and column, (N, T).
-        bias: the output at x = 0, ``b`` of Eq. 13, (N, T).
+        bias: the output at x = 0 (and explained constants 0), ``b`` of Eq. 13, (N, T).
         inputs: the encoded inputs, (N, C, H, W).
         prediction: the predicted class per image, (N,); None for a `layer` explanation.
         probabilities: ``sigmoid(logits)`` (B-cos models train with BCE), (N, T); None for a layer.
@@ -32,6 +34,9 @@ class Explanation:
         positions: the explained spatial position per image and column, (N, T, S) for S spatial
             dims of the layer's output; None for logits and (N, C) activations.
         class_names: the model's label names (``pretrained_cfg['label_names']``) if it has them.
+        constants: the contribution ``W_c(x) c`` of each explained constant (a positional embedding,
+            a class token: `timm_bcos.layers.ExplainedConstant`) by name, each (N, T); None if the
+            model has none. Then ``logits = contributions.sum + sum(constants) + bias``.
         warning: why the explanation is not exact (parts of the model left unconverted, or Eq. 13
             violated), as `explain` warned; None for an exact explanation.
     """
@@ -47,6 +52,7 @@ class Explanation:
     layer: Optional[str] = None
     positions: Optional[Tensor] = None
     class_names: Optional[List[str]] = None
+    constants: Optional[Dict[str, Tensor]] = None
     warning: Optional[str] = None
 
     @property
@@ -55,7 +61,8 @@ class Explanation:
         return self.warning is None
 
     def check(self, index: Optional[int] = None) -> float:
-        """The Eq. 13 error (`eq13_error`): ``|contributions.sum + bias - logits| / max |logits - bias|``.
+        """The Eq. 13 error (`eq13_error`): ``|contributions.sum + bias - logits| / max |logits - bias|``
+        (the explained constants' contributions included in the sum).
 
         Over the whole batch, or image `index` only. Normalised by ``|logits - bias|``, not
         ``|logits|``: untrained B-cos outputs are tiny next to a logit bias. Returns NaN with a
@@ -63,8 +70,10 @@ class Explanation:
         vacuous 0), inf when any of them is NaN or inf.
         """
         rows = slice(None) if index is None else [self._check_index(index)]
-        return eq13_error(self.contributions[rows].sum((-2, -1)), self.bias[rows], self.logits[rows],
-                          'Explanation.check')
+        linear = self.contributions[rows].sum((-2, -1))
+        for c in (self.constants or {}).values():
+            linear = linear + c[rows]
+        return eq13_error(linear, self.bias[rows], self.logits[rows], 'Explanation.check')
 
     def column(self, target: int, index: int = 0) -> int:
         """The column of class (or channel) `target` among image `index`'s explained targets."""

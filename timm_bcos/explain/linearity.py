@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..layers import LogitLayer, explanation_mode
+from ..layers import LogitLayer, contribution, explained_constants, explanation_mode
 
 __all__ = ['check_dynamic_linearity', 'eq13_error']
 
@@ -44,7 +44,9 @@ def check_dynamic_linearity(
     """`eq13_error` of ``sum(W(x) * x) + b`` against the model's outputs.
 
     ``W(x)`` is the input gradient of each explained output in explanation mode (§3.2.1) and
-    ``b = f(0)``, the output at a zero input (every B-cos layer maps 0 to 0). The logit bias of
+    ``b = f(0)``, the output at a zero input (every B-cos layer maps 0 to 0). Explained constants
+    (positional embeddings, tokens) count as inputs: their terms ``W_c(x) c`` are in the sum, and
+    they are 0 for ``b``. The logit bias of
     each `LogitLayer` is taken out during the check, because untrained B-cos outputs are tiny next
     to a bias such as ``-log(999)``.
 
@@ -64,8 +66,10 @@ def check_dynamic_linearity(
     try:
         with explanation_mode(model):
             x = x.detach().clone().requires_grad_(True)
-            out = model(x)
-            bias = model(torch.zeros_like(x[:1])).detach()
+            with explained_constants(model, len(x)) as constants:
+                out = model(x)
+            with explained_constants(model, zero=True):
+                bias = model(torch.zeros_like(x[:1])).detach()
         if out.dim() != 2:
             raise ValueError(f'expected (N, classes) outputs, got shape {tuple(out.shape)}')
         if targets is None:
@@ -74,11 +78,15 @@ def check_dynamic_linearity(
             columns = torch.tensor([int(t) for t in targets], device=x.device).expand(len(x), -1)
         rows = torch.arange(len(x), device=x.device)[:, None]
         selected = out[rows, columns]
-        linear = torch.empty_like(selected)
+        linear = torch.zeros_like(selected)
+        inputs = [x] + [c for _, c in constants]  # the explained constants (a ViT's positional embedding)
         for j in range(columns.shape[1]):
             # Samples are independent, so one backward of the batch sum gives every row of W(x).
-            (grad,) = torch.autograd.grad(selected[:, j].sum(), x, retain_graph=j + 1 < columns.shape[1])
-            linear[:, j] = (grad * x).flatten(1).sum(1)
+            grads = torch.autograd.grad(selected[:, j].sum(), inputs, retain_graph=j + 1 < columns.shape[1],
+                                        allow_unused=True)
+            for grad, v in zip(grads, inputs):
+                if grad is not None:
+                    linear[:, j] += contribution(grad, v, len(x))
         return eq13_error(linear.detach(), bias[0, columns], selected.detach(), 'check_dynamic_linearity')
     finally:
         model.train(was_training)

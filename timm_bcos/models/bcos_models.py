@@ -45,7 +45,8 @@ from .simple_cifar import BcosSimpleNet, SimpleConvNet
 __all__ = ['PAPER_ARCHS', 'PAPER_DESIGN', 'SHIPPED_DIR', 'TINY_WIDTHS', 'V1_ARCHS']
 
 PAPER_ARCHS = ('vgg11', 'resnet18', 'resnet34', 'resnet50', 'resnext50_32x4d', 'densenet121', 'densenet161',
-               'inception_v3', 'efficientnet_b0', 'mobilenetv3_large_100', 'convnext_tiny')
+               'inception_v3', 'efficientnet_b0', 'mobilenetv3_large_100', 'convnext_tiny', 'vit_tiny_patch16_224',
+               'swin_tiny_patch4_window7_224')
 PAPER_DESIGN = dict(b=2.0, max_out=2, norm='none', head='auto', logit_bias=None, logit_temperature=None,
                     calibrate=True)
 _PAPER = dict(paper_name='B-cos Networks: Alignment is All We Need for Interpretability',
