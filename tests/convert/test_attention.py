@@ -235,7 +235,52 @@ def test_linear_patch_embedding_takes_the_encoding():
 
 def test_registered_bcos_vit_builds_small_and_exact():
     import timm
-    model = timm.create_model('bcos_vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, num_classes=4,
-                              dynamic_img_size=True)
+    model = timm.create_model('bcos_vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, num_classes=4)
     assert model.bcos_cfg['max_out'] == 2 and model.double().check_dynamic_linearity(_x()) < 1e-12
-    assert model.explain(_x(2, size=48)).check() < 1e-12  # another input size: the embedding is resampled
+    assert model.explain(_x(2, size=48)).check() < 1e-12  # any input size (default): the embedding is resampled
+
+
+class _Window(nn.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+    def forward(self, x):
+        return x
+
+
+class _ReadsChildSize(nn.Module):
+    """The forward reads an int of a custom child (as MaxViT's attention reads its rel-pos window)."""
+
+    def __init__(self, size, dim=8):
+        super().__init__()
+        self.window = _Window(size)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        x = F.gelu(self.proj(x))
+        return x.reshape(b, n // self.window.size, self.window.size, c).mean(2).repeat_interleave(self.window.size, 1)
+
+
+def test_structurally_equal_modules_with_different_custom_children_trace_separately():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 8, stride=8), nn.Flatten(2), _Transpose(), _ReadsChildSize(2),
+                          _ReadsChildSize(4), _Mean(), nn.Linear(8, 3))
+    convert_to_bcos(model, calibration_data=_x(4, dtype=torch.float32))
+    tokens = torch.randn(2, 16, 8)
+    for block in model[3], model[4]:  # each reads its own window size (a cached graph would bake the first's)
+        size = block.window.size
+        expected = block.proj(tokens).reshape(2, 16 // size, size, 8).mean(2).repeat_interleave(size, 1)
+        torch.testing.assert_close(block(tokens), expected)
+    assert model.double().check_dynamic_linearity(_x()) < 1e-12
+
+
+class _Transpose(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+class _Mean(nn.Module):
+    def forward(self, x):
+        return x.mean(1)

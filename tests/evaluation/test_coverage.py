@@ -125,3 +125,14 @@ def test_coverage(name):
     r = check_model(name)
     assert r.outcome == EXACT and r.group == 'CNN', r.reason
     assert r.error < 1e-10 and not math.isnan(r.spread) and r.alive, r
+
+
+def test_surveys_run_in_parts_merge_into_one_report(tmp_path):
+    from timm_bcos.evaluation.coverage_cli import coverage_main
+    coverage_main(['--models', 'test_resnet', '--out', str(tmp_path / 'a.md')])
+    coverage_main(['--models', 'test_vit', '--out', str(tmp_path / 'b.md')])
+    coverage_main(['--merge', str(tmp_path / 'a.md.json'), str(tmp_path / 'b.md.json'), '--out',
+                   str(tmp_path / 'all.md')])
+    text = (tmp_path / 'all.md').read_text()
+    assert '| resnet | test_resnet |' in text and '| vision_transformer | test_vit |' in text
+    assert text.count('| exact |') == 2 and 'Attention / transformer models** (models: 1): exact 1' in text

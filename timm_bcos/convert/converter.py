@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..layers import BcosConv2d, BcosLinear, DynamicGate
 from .calibrate import (calibrate_scales, calibration_size, calibration_state, example_input,
                         restore_calibration_state)
-from .heads import classifier_path, classifier_paths, convert_head, convert_stem, stem_paths
+from .heads import classifier_paths, convert_head, convert_stem, stem_paths
 from .mixin import attach_bcos_mixin
 from .rewrite import convert_tree
 from .rules import ConversionContext, find_rule, is_activation, is_norm
@@ -126,12 +126,13 @@ def convert_to_bcos(
         calibrate = False
     ctx = ConversionContext.create(b, max_out, norm, strict, gate_rule)
     ctx.root, ctx.example_input = model, example_input(model)
-    stems, classifier = stem_paths(model), classifier_path(model)
+    stems, classifiers = stem_paths(model), classifier_paths(model)
+    classifier = classifiers[0] if classifiers else None
     before = calibration_state(model)  # B-cos layers the model had already
     try:
         convert_tree(model, '', ctx)
         convert_stem(model, stems, in_chans, ctx)
-        for path in classifier_paths(model):  # a distilled model's second head too (the logits average both)
+        for path in classifiers or [None]:  # a distilled model's second head too (the logits average both)
             bias = convert_head(model, path, ctx, head, logit_bias, logit_temperature)
             logit_bias = bias if path == classifier else logit_bias
         if calibrate:

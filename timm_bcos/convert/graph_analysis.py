@@ -92,6 +92,7 @@ class GraphAnalysis:
             self._refuse(node, 'writing an input-dependent value in place into a constant tensor')
         gates, skip = self._find_gates()
         internal = self._gate_internal(gates)
+        skip = skip | self._sizes()
         for node in self.graph.nodes:
             if node in skip:
                 continue
@@ -227,6 +228,18 @@ class GraphAnalysis:
             if users and all(u in gates or u in internal or _sets_attention(node, u) for u in users):
                 internal.add(node)
         return internal
+
+    def _sizes(self) -> Set[fx.Node]:
+        """Nodes whose every use is as a size (a view's shape, an assert on shapes): ints, whatever
+        their source (CoaT's ``H * W`` of a size argument)."""
+        sizes: Set[fx.Node] = set()
+        for node in reversed(list(self.graph.nodes)):
+            if _is_assert(node):
+                sizes.add(node)
+            elif node.op in ('call_function', 'call_method', 'placeholder') and node.users and all(
+                    _size_use(node, u) or u in sizes for u in node.users):
+                sizes.add(node)
+        return sizes
 
     # --- checks and rewrites --------------------------------------------------------------------
 
@@ -423,6 +436,22 @@ class GraphAnalysis:
                       else " (gate_rule='bounded')")
             self._refuse(node, 'a product of two input-dependent tensors that is not a gate x * g(...), g a '
                                f'bounded activation (sigmoid, softmax, tanh, ReLU6) or a ratio on one side{either}')
+
+
+_SIZE_ARGUMENT_METHODS = {'view', 'reshape', 'expand', 'repeat', 'tile', 'unflatten', 'new_zeros', 'new_ones',
+                          'new_empty', 'new_full'}
+
+
+def _is_assert(node: fx.Node) -> bool:
+    """``torch._assert`` or timm's ``_assert`` (on shapes)."""
+    return node.op == 'call_function' and (node.target is torch._assert or getattr(node.target, '__name__', '') in (
+        '_assert', '_assert_async'))
+
+
+def _size_use(node: fx.Node, user: fx.Node) -> bool:
+    """`user` takes `node` as a size: a shape argument (not the tensor) of a view, or an assert."""
+    return _is_assert(user) or (user.op == 'call_method' and user.target in _SIZE_ARGUMENT_METHODS and
+                                user.args[0] is not node)
 
 
 def _sets_attention(node: fx.Node, user: fx.Node) -> bool:

@@ -13,6 +13,8 @@ atomically and replace only an earlier report of the same kind.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -21,7 +23,8 @@ import torch
 
 from .bcosify_survey import REPORT_TITLE as BCOSIFY_TITLE
 from .bcosify_survey import check_bcosify, write_bcosify_report
-from .coverage import COVERAGE_MODELS, EXTRA_MODELS, check_model
+from .._utils import write_atomic
+from .coverage import COVERAGE_MODELS, EXTRA_MODELS, CoverageResult, check_model
 from .coverage_report import REPORT_TITLE, check_report_path, write_report
 from .families import smallest_per_family
 from .trainability import REPORT_TITLE as TRAIN_TITLE
@@ -38,6 +41,9 @@ def build_coverage_parser() -> argparse.ArgumentParser:
     which.add_argument('--families', nargs='*', metavar='FAMILY',
                        help="the smallest model of each timm family (a module in timm.list_modules(); default: "
                             "all of timm's)")
+    which.add_argument('--merge', nargs='+', metavar='JSON',
+                       help='write one report from the results of earlier surveys (the REPORT.json each writes '
+                            'next to its report), e.g. of runs over parts of the families in parallel')
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument('--train', action='store_true', help='train each converted model briefly on digits')
     mode.add_argument('--bcosify', action='store_true', help='B-cosify each model: the B=1 form against the original, '
@@ -71,6 +77,22 @@ def _survey(names: Sequence[str], out: str, command: str, unit: str, skipped: Di
         err = f'{r.error:.1e}' if r.error is not None else '-'
         spread = f'{r.spread:.3g}' if r.spread is not None else '-'
         tqdm.write(f'{name:28s} {r.group:9s} {r.outcome:24s} err={err} spread={spread} {r.seconds:.1f}s {r.reason}')
+        write_atomic(f'{out}.json', json.dumps(dict(unit=unit, skipped=skipped, results=[
+            dataclasses.asdict(x) for x in results]), indent=1))  # after every model: the results so far
+    write_report(results, out, command, unit, skipped)
+    print(f'{sum(r.ok for r in results)}/{len(results)} {unit} exact; report: {out}')
+
+
+def _merge(paths: Sequence[str], out: str, command: str) -> None:
+    """One report from the `_survey` results saved in `paths`."""
+    results, skipped, unit = [], {}, 'models'
+    for path in paths:
+        with open(path) as f:
+            saved = json.load(f)
+        unit = saved['unit']
+        skipped.update(saved['skipped'])
+        results += [CoverageResult(**{**r, 'input_size': tuple(r['input_size']) if r['input_size'] else None,
+                                      'gates': tuple(map(tuple, r['gates']))}) for r in saved['results']]
     write_report(results, out, command, unit, skipped)
     print(f'{sum(r.ok for r in results)}/{len(results)} {unit} exact; report: {out}')
 
@@ -112,6 +134,8 @@ def coverage_main(argv: Optional[List[str]] = None) -> None:
     torch.set_flush_denormal(True)  # untrained B-cos nets make denormals: much slower on CPU otherwise
     command = ' '.join(['timm-bcos coverage', *(sys.argv[1:] if argv is None else argv)])
     skipped: Dict[str, str] = {}
+    if args.merge:
+        return _merge(args.merge, out, command)
     if args.families is not None:
         picks, skipped = smallest_per_family(args.families or None)
         names, unit = [p.model for p in picks], 'families'

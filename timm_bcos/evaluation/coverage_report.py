@@ -26,8 +26,9 @@ _METHOD = (
     'its defaults (B=2, MaxOut 2, norms removed, 6-channel stem, calibrated scales), then at the default input '
     'size (*px*): a train-mode forward + backward (float32, batch 2); the *logit spread*, std of logits - b '
     '(float32, eval mode, 8 seeded [x, 1-x] noise images); the *Eq. 13 error* in float64 by an independent '
-    'autograd check: in explanation mode W = d logit / d x, max |sum(W*x) + b - logit| / max |logit - b| over 2 '
-    "images x (highest, lowest logit), b = `bcos_cfg['logit_bias']`. *exact*: error <= {tol:g}; *refused*: "
+    'autograd check: in explanation mode W = d logit / d x, max |sum(W*x) + sum(W_c*c) + b - logit| / max |logit - '
+    "b| over 2 images x (highest, lowest logit), b = `bcos_cfg['logit_bias']`, c the explained constants "
+    '(positional embeddings and tokens, W_c = d logit / d c; none in a CNN). *exact*: error <= {tol:g}; *refused*: '
     '`UnsupportedModuleError` (its first line: operation and module path); *crashed after conversion*: a '
     'check raised (the stage is named); *conversion error*: building or converting raised anything else. '
     '*gates*: the non-linear modules kept inside `DynamicGate`s (detached in explanation mode; listed under '

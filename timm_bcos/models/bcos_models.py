@@ -45,8 +45,10 @@ from .simple_cifar import BcosSimpleNet, SimpleConvNet
 __all__ = ['PAPER_ARCHS', 'PAPER_DESIGN', 'SHIPPED_DIR', 'TINY_WIDTHS', 'V1_ARCHS']
 
 PAPER_ARCHS = ('vgg11', 'resnet18', 'resnet34', 'resnet50', 'resnext50_32x4d', 'densenet121', 'densenet161',
-               'inception_v3', 'efficientnet_b0', 'mobilenetv3_large_100', 'convnext_tiny', 'vit_tiny_patch16_224',
-               'swin_tiny_patch4_window7_224')
+               'inception_v3', 'efficientnet_b0', 'mobilenetv3_large_100', 'convnext_tiny', 'vit_tiny_patch16_224')
+# Architecture defaults of the converted models: the ViT takes any input size (its positional embedding
+# is resampled), as a CNN does (grid pointing game images are twice the size).
+_ARCH_DEFAULTS = {'vit_tiny_patch16_224': dict(dynamic_img_size=True)}
 PAPER_DESIGN = dict(b=2.0, max_out=2, norm='none', head='auto', logit_bias=None, logit_temperature=None,
                     calibrate=True)
 _PAPER = dict(paper_name='B-cos Networks: Alignment is All We Need for Interpretability',
@@ -191,7 +193,7 @@ def _convert_builder(base: str, design: Dict[str, Any]) -> Callable[..., nn.Modu
                 raise ValueError(f'{clash} are conversion arguments; a B-cosified model takes them in bcosify=')
             return build_bcosified(base, bcosify, **kwargs)
         convert = {k: kwargs.pop(k, v) for k, v in design.items()}
-        model = timm.create_model(base, pretrained=False, **kwargs)
+        model = timm.create_model(base, pretrained=False, **{**_ARCH_DEFAULTS.get(base, {}), **kwargs})
         return convert_to_bcos(model, in_chans=kwargs.get('in_chans', 6), **convert)
     return builder
 

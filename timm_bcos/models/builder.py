@@ -69,21 +69,32 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
 def _features(model: nn.Module, out_indices: Optional[Sequence[int]], feature_cfg: Dict[str, Any]) -> nn.Module:
     """timm's `FeatureListNet` over the model's ``feature_info``, by default every feature level. Its
     Sequential children are flattened when a feature level lies inside one (``features.denseblock1``,
-    ``blocks.0``), as timm's own entrypoints ask for those architectures."""
+    ``blocks.0``), as timm's own entrypoints ask for those architectures. A ViT gets timm's
+    `FeatureGetterNet` (the last 4 blocks' tokens as maps), as timm builds its own."""
     from timm.models import FeatureListNet
+    from timm.models._features import FeatureGetterNet
 
     if not hasattr(model, 'feature_info'):
         raise ValueError(f'{type(model).__name__} has no feature_info: features_only is not supported')
-    modules = [info['module'] for info in model.feature_info]
-    cfg = dict(flatten_sequential=any('.' in m for m in modules), **feature_cfg)
-    if getattr(model, 'output_fmt', None) is not None:
-        cfg.setdefault('output_fmt', model.output_fmt)
-    indices = tuple(range(len(model.feature_info))) if out_indices is None else tuple(out_indices)
-    features = FeatureListNet(model, out_indices=indices, **cfg)
+    if _token_model(model):  # as timm builds a ViT's: its forward_intermediates gives (N, C, H, W) maps
+        features = FeatureGetterNet(model, out_indices=4 if out_indices is None else out_indices, **feature_cfg)
+    else:
+        modules = [info['module'] for info in model.feature_info]
+        cfg = dict(flatten_sequential=any('.' in m for m in modules), **feature_cfg)
+        if getattr(model, 'output_fmt', None) is not None:
+            cfg.setdefault('output_fmt', model.output_fmt)
+        indices = tuple(range(len(model.feature_info))) if out_indices is None else tuple(out_indices)
+        features = FeatureListNet(model, out_indices=indices, **cfg)
     pretrained_cfg = {k: v for k, v in (getattr(model, 'pretrained_cfg', None) or {}).items()
                       if k not in ('num_classes', 'classifier', 'label_names', 'pool_size')}
     features.pretrained_cfg = features.default_cfg = pretrained_cfg
     return features
+
+
+def _token_model(model: nn.Module) -> bool:
+    """A plain transformer over patch tokens (timm's ViT family), whose blocks output (N, L, C)."""
+    return hasattr(model, 'patch_embed') and hasattr(model, 'blocks') and hasattr(model, 'forward_intermediates') \
+        and hasattr(model, 'num_prefix_tokens')
 
 
 def _mismatch_hint(state_dict: Dict[str, torch.Tensor], model: nn.Module, head: str) -> str:
