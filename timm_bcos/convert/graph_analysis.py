@@ -420,9 +420,7 @@ class GraphAnalysis:
         if not isinstance(node, fx.Node):
             return isinstance(node, nn.Parameter)
         if node.op == 'get_attr':
-            value = self.module
-            for name in node.target.split('.'):
-                value = getattr(value, name)
+            value = self._attr(node)
             return isinstance(value, nn.Parameter) or getattr(value, 'requires_grad', False)
         return any(self._learned(a) for a in flat_nodes((node.args, node.kwargs)))
 

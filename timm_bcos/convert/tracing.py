@@ -10,10 +10,11 @@ traces each structure once per mode (fx's tracer costs ~20 ms a call, whatever t
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import itertools
 import inspect
-from typing import Any, Callable, Dict, Hashable, List, Optional, Set, Tuple
+import itertools
+from typing import Any, Callable, Dict, Hashable, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import fx, nn
@@ -78,26 +79,34 @@ def _takes_list(fn: Callable) -> bool:
     return any(word in annotation for word in ('List', 'list', 'Tuple', 'tuple', 'Sequence'))
 
 
+@contextlib.contextmanager
+def _tracing(module: nn.Module, training: bool, method: str) -> Iterator[Callable]:
+    """`module` in train or eval mode, with `method` as its class's forward (fx traces
+    ``type(root).forward``: another method is traced through a subclass); yields the method's
+    function. Both are restored afterwards."""
+    cls, was = type(module), module.training
+    fn = method_function(module, method)
+    module.train(training)
+    if fn is not cls.forward:
+        module.__class__ = type(cls.__name__, (cls,), {'forward': fn})
+    try:
+        yield fn
+    finally:
+        module.__class__ = cls
+        module.train(was)
+
+
 def trace_forward(module: nn.Module, training: bool, method: str = 'forward',
                   list_length: Optional[int] = None, given: Tuple[str, ...] = ()) -> Trace:
     """Trace `module.<method>` in train or eval mode (its first input a list of `list_length`
     tensors if given; the optional ``=None`` inputs named in `given` as tensors); returns the
     graph and the specialised arguments."""
-    cls, was = type(module), module.training
-    fn = method_function(module, method)
-    concrete = concrete_args(fn)
-    concrete = {k: v for k, v in concrete.items() if k not in given}
-    specialised = set(concrete)
-    if list_length is not None:
-        concrete[_first_input(fn).name] = [fx.PH] * list_length
-    module.train(training)
-    if fn is not cls.forward:  # fx traces type(root).forward: trace the method through a subclass
-        module.__class__ = type(cls.__name__, (cls,), {'forward': fn})
-    try:
+    with _tracing(module, training, method) as fn:
+        concrete = {k: v for k, v in concrete_args(fn).items() if k not in given}
+        specialised = set(concrete)
+        if list_length is not None:
+            concrete[_first_input(fn).name] = [fx.PH] * list_length
         return _Tracer(module).trace(module, concrete_args=concrete or None), specialised
-    finally:
-        module.__class__ = cls
-        module.train(was)
 
 
 def trace_forwards(module: nn.Module, training: bool, method: str = 'forward') -> Tuple[List[Trace], bool]:
@@ -172,23 +181,15 @@ def trace_concrete(module: nn.Module, training: bool, method: str, example: Exam
     """Trace `module.<method>` by running it on `example` (`ConcreteTracer`): the graph of the
     control flow taken at that input. Optional inputs left at their defaults in the example are
     specialised (a call that gives them has no graph)."""
-    cls, was = type(module), module.training
-    fn = method_function(module, method)
-    bound = inspect.signature(fn).bind(module, *example[0], **example[1])
-    bound.apply_defaults()
-    specialised = {k for k, v in concrete_args(fn).items() if bound.arguments.get(k, v) is v}
-    module.train(training)
-    if fn is not cls.forward:
-        module.__class__ = type(cls.__name__, (cls,), {'forward': fn})
-    # non-tensor inputs are constants of the graph: scalars fixed in it, sizes (tuples) static inputs
-    static = {k for k, v in list(bound.arguments.items())[1:] if not _holds_tensor(v)}
-    fixed = {k: bound.arguments[k] for k in static if isinstance(bound.arguments[k], (int, float, str, type(None)))}
-    try:
+    with _tracing(module, training, method) as fn:
+        bound = inspect.signature(fn).bind(module, *example[0], **example[1])
+        bound.apply_defaults()
+        specialised = {k for k, v in concrete_args(fn).items() if bound.arguments.get(k, v) is v}
+        # non-tensor inputs are constants of the graph: scalars fixed in it, sizes (tuples) static inputs
+        static = {k for k, v in list(bound.arguments.items())[1:] if not _holds_tensor(v)}
+        fixed = {k: bound.arguments[k] for k in static if isinstance(bound.arguments[k], (int, float, str, type(None)))}
         tracer = ConcreteTracer(module, dict(bound.arguments), _Tracer().autowrap)
         return tracer.trace(module, concrete_args=fixed or None), specialised | static
-    finally:
-        module.__class__ = cls
-        module.train(was)
 
 
 class TraceCache:
