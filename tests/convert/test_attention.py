@@ -98,6 +98,13 @@ def test_swin_shifted_windows_are_exact():
                             num_classes=5)
     convert_to_bcos(model, calibration_data=_x(4, dtype=torch.float32))
     assert model.double().check_dynamic_linearity(_x(2)) < 1e-12
+    e = model.explain(_x(2), layer='layers.1', neuron=5, position=(1, 2))  # an (N, H, W, C) stage: channel 5
+    captured = []
+    handle = model.layers[1].register_forward_hook(lambda m, i, o: captured.append(o))
+    with torch.no_grad():
+        model.eval()(_x(2))
+    handle.remove()
+    assert e.check() < 1e-12 and torch.allclose(e.logits[:, 0], captured[0][:, 1, 2, 5])
 
 
 def test_rewritten_forward_keeps_its_flags_and_pickles(vit):

@@ -58,7 +58,8 @@ def explain(
             per image) or an (N, T) tensor (T per image).
         layer: explain a neuron of this module (a name from ``model.named_modules()``) instead of
             the outputs, with ``W_{1->l}`` of Eq. 15. Its first call in the forward is explained.
-            Its output is (N, C, ...) channels first, or (N, L, C) tokens (a transformer block).
+            Its output is (N, C, ...) channels first, (N, L, C) tokens (a transformer block), or
+            (N, H, W, C) in a channels-last model (timm's ``output_fmt='NHWC'``, e.g. Swin).
         neuron: with `layer`: the channel(s) to explain: an int, a sequence (the same channels for
             every image) or an (N, T) tensor.
         position: with `layer`: the spatial position (one index per spatial dim; for tokens, the
@@ -138,7 +139,7 @@ def _explain_outputs(model: nn.Module, x: Tensor, target, k: Optional[int]) -> E
 
 def _explain_layer(model: nn.Module, module: nn.Module, name: str, x: Tensor, neuron, position) -> Explanation:
     with explained_constants(model, len(x)) as constants:
-        act = _channels_first(_capture(model, module, name, x))
+        act = _channels_first(_capture(model, module, name, x), model)
     n, c, spatial = act.shape[0], act.shape[1], act.shape[2:]
     neurons = _resolve_neurons(neuron, n, c, x.device)
     flat = act.reshape(n, c, -1)  # (N, C, P); P = 1 for (N, C) activations
@@ -151,7 +152,7 @@ def _explain_layer(model: nn.Module, module: nn.Module, name: str, x: Tensor, ne
     selected = flat[rows, neurons, index]
     weights, by_constant = _input_rows(selected, x, constants)
     with torch.no_grad(), explained_constants(model, zero=True):
-        zero = _channels_first(_capture(model, module, name, torch.zeros_like(x[:1]))).reshape(1, c, -1)
+        zero = _channels_first(_capture(model, module, name, torch.zeros_like(x[:1])), model).reshape(1, c, -1)
     bias = zero[0, neurons, index]
     positions = None
     if spatial:
@@ -162,9 +163,14 @@ def _explain_layer(model: nn.Module, module: nn.Module, name: str, x: Tensor, ne
                      positions=positions)
 
 
-def _channels_first(act: Tensor) -> Tensor:
-    """(N, L, C) tokens as (N, C, L): a neuron is a channel at a token position."""
-    return act.transpose(1, 2) if act.dim() == 3 else act
+def _channels_first(act: Tensor, model: nn.Module) -> Tensor:
+    """(N, L, C) tokens as (N, C, L): a neuron is a channel at a token position; the (N, H, W, C)
+    maps of a channels-last model (timm's ``output_fmt='NHWC'``: Swin) as (N, C, H, W)."""
+    if act.dim() == 3:
+        return act.transpose(1, 2)
+    if act.dim() == 4 and getattr(model, 'output_fmt', None) == 'NHWC':
+        return act.permute(0, 3, 1, 2)
+    return act
 
 
 def _input_rows(selected: Tensor, x: Tensor,
