@@ -216,6 +216,10 @@ def test_distilled_heads_both_get_the_logit_map():
     assert model.double().check_dynamic_linearity(_x()) < 1e-12
     assert {m.name for m in model.modules() if isinstance(m, ExplainedConstant)} == {'cls_token', 'dist_token',
                                                                                      'pos_embed'}
+    model.pretrained_cfg = dict(input_size=(3, 32, 32))  # where reset_classifier calibrates the new heads
+    model.reset_classifier(3)  # both new heads are converted again
+    assert type(model.head).__name__ == type(model.head_dist).__name__ == 'BcosClassifier'
+    assert model.double().check_dynamic_linearity(_x()) < 1e-12
 
 
 class _LinearPatchNet(nn.Module):

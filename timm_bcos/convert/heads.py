@@ -147,7 +147,9 @@ def reconvert_classifier(model: nn.Module, bcos_cfg: Dict[str, Any]) -> Optional
     """After timm's ``reset_classifier``: convert the new classifier with the model's conversion
     settings and give it the logit map of Eq. 16 again; returns the logit bias used."""
     ctx = ConversionContext.create(bcos_cfg['b'], bcos_cfg['max_out'], bcos_cfg['norm'])
-    path = classifier_path(model)
-    if path is not None:
-        set_submodule(model, path, convert_tree(model.get_submodule(path), path, ctx), ctx)
-    return convert_head(model, path, ctx, bcos_cfg['head'], None, bcos_cfg['logit_temperature'])
+    logit_bias = None
+    for path in classifier_paths(model) or [None]:  # both heads of a distilled model
+        if path is not None:
+            set_submodule(model, path, convert_tree(model.get_submodule(path), path, ctx), ctx)
+        logit_bias = convert_head(model, path, ctx, bcos_cfg['head'], logit_bias, bcos_cfg['logit_temperature'])
+    return logit_bias
