@@ -295,3 +295,18 @@ class _Transpose(nn.Module):
 class _Mean(nn.Module):
     def forward(self, x):
         return x.mean(1)
+
+
+def test_bcosify_a_vit_keeps_its_function_at_b1_and_is_exact_at_b2():
+    import timm
+    from timm_bcos import add_inverse, bcosify
+    torch.manual_seed(0)
+    original = timm.create_model('test_vit', num_classes=5).eval()
+    x = torch.rand(2, 3, 64, 64)
+    mean, std = (torch.tensor(original.pretrained_cfg[k])[:, None, None] for k in ('mean', 'std'))
+    with torch.no_grad():
+        expected = original((x - mean) / std)
+        same = bcosify(copy.deepcopy(original), b=1.0, preserve_function=True).eval()(add_inverse(x))
+    torch.testing.assert_close(same, expected, rtol=1e-4, atol=1e-5)
+    model = bcosify(copy.deepcopy(original), calibration_data=add_inverse(torch.rand(4, 3, 64, 64))).double()
+    assert model.check_dynamic_linearity(_x(2, size=64)) < 1e-12
