@@ -306,8 +306,7 @@ class GraphAnalysis:
             constant = node.args[1] if self._depends(first) else first
             sources = self._constant_sources(constant)
             if sources and all(_positional(self._attr(s)) for s in sources):
-                self.plan.constants[constant] = ('+'.join(s.target for s in sources),
-                                                 node.args[1] if constant is first else first)
+                self._explain_constant(constant, sources, node.args[1] if constant is first else first)
             else:
                 self.plan.biases[node] = 0 if self._depends(first) else 1
         elif target is F.pad and node.kwargs.get(
@@ -337,7 +336,7 @@ class GraphAnalysis:
                     self._refuse(node, 'concatenating a constant that is not a stored (1, ...) tensor (a token) is '
                                        'affine')
                     return
-                self.plan.constants[t] = ('+'.join(s.target for s in sources), partner)
+                self._explain_constant(t, sources, partner)
 
     def _module_constants(self, node: fx.Node) -> None:
         """Learned (1, ...) tensors passed to a child with the activations (CaiT's class token into its
@@ -350,7 +349,11 @@ class GraphAnalysis:
             sources = self._constant_sources(arg)
             values = [self._attr(s) for s in sources or ()]
             if values and all(isinstance(v, nn.Parameter) and v.shape[:1] == (1,) for v in values):
-                self.plan.constants[arg] = ('+'.join(s.target for s in sources), partner)
+                self._explain_constant(arg, sources, partner)
+
+    def _explain_constant(self, operand: fx.Node, sources: List[fx.Node], partner: Optional[fx.Node]) -> None:
+        """Plan `operand` as an `ExplainedConstant`, named by the attributes it comes from."""
+        self.plan.constants[operand] = ('+'.join(s.target for s in sources), partner)
 
     def _attr(self, node: fx.Node) -> Any:
         value = self.module

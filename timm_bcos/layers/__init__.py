@@ -5,7 +5,7 @@ from .bcos_conv import BcosConv2d, BcosConv2dSame
 from .bcos_function import from_reference_layout, to_reference_layout
 from .calibration import CalibratedConstant, calibration_keys
 from .bcos_linear import BcosLinear
-from .constant import ExplainedConstant, contribution, explained_constants, has_explained_constants
+from .constant import ExplainedConstant, contribution, explained_constants
 from .classifier import BcosClassifier, BcosConvClassifier
 from .encoding import AddInverse, InputShift, add_inverse
 from .explain_mode import DetachableModule, explanation_mode, is_explanation_mode
@@ -18,6 +18,6 @@ __all__ = [
     'BcosConv2dSame', 'BcosConvClassifier', 'BcosLinear', 'CalibratedConstant', 'DetachableModule', 'DynamicAttention',
     'DynamicGate', 'ExplainedConstant', 'GroupNormUncentered', 'InputShift', 'LayerNorm2dUncentered',
     'LayerNormUncentered', 'LogitLayer', 'add_inverse', 'calibration_keys', 'contribution', 'explained_constants',
-    'explanation_mode', 'from_reference_layout', 'has_explained_constants', 'is_explanation_mode',
+    'explanation_mode', 'from_reference_layout', 'is_explanation_mode',
     'to_reference_layout',
 ]

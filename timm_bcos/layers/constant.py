@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ['ExplainedConstant', 'contribution', 'explained_constants', 'has_explained_constants']
+__all__ = ['ExplainedConstant', 'contribution', 'explained_constants']
 
 
 class ExplainedConstant(nn.Module):
@@ -50,10 +50,6 @@ def contribution(grad: Tensor, value: Tensor, n: int) -> Tensor:
     """``sum(W * v)`` per sample: (n,) from a gradient and an input of n samples (or of n * k rows,
     image-major, for a constant folded into a larger batch)."""
     return (grad * value).reshape(n, -1).sum(1)
-
-
-def has_explained_constants(model: nn.Module) -> bool:
-    return any(isinstance(m, ExplainedConstant) for m in model.modules())
 
 
 @contextlib.contextmanager
