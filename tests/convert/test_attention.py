@@ -182,17 +182,30 @@ class _ShapeBranchingBlock(nn.Module):
         return F.gelu(self.proj(x))[:, :h * w]
 
 
+class _EmbedWithMask(nn.Module):
+    """A patch embedding that also returns a padding mask, None for a full grid (as Gemma4-ViT's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 4, stride=4)
+
+    def forward(self, x):
+        return self.proj(x), None
+
+
 class _ConcreteNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.embed = _EmbedWithMask()
         self.block = _ShapeBranchingBlock()
         self.unused = _ShapeBranchingBlock()  # never called by forward (like Hiera's reroll)
         self.head = nn.Linear(8, 5)
         self.pretrained_cfg = dict(input_size=(3, 32, 32))
 
     def forward(self, x):
-        t = self.embed(x)
+        t, padding = self.embed(x)
+        if padding is not None and padding.any():  # the module's None output is None while tracing
+            t = t.masked_fill(padding, 0.0)
         size = t.shape[-2:]
         t = self.block(t.flatten(2).transpose(1, 2), (int(size[0]), int(size[1])))
         return self.head(t.amax(1))  # a max over tokens: kept, it selects an input

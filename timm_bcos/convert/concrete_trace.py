@@ -91,7 +91,10 @@ class ConcreteTracer(fx.Tracer):
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         with _untraced():  # fx's patches of Module.__call__ / __getattr__ off: real computation
-            self._values[proxy.node] = self._run(kind, target, self.value(args), self.value(kwargs))
+            value = self._run(kind, target, self.value(args), self.value(kwargs))
+        if value is None and kind != 'placeholder':  # e.g. a module's `mask=None` output: `is None` must see it
+            return None
+        self._values[proxy.node] = value
         return proxy
 
     def _run(self, kind: str, target: Any, args, kwargs) -> Any:
