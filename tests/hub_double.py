@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class HubDouble:
     def __init__(self, owner: str = 'testorg') -> None:
         self.owner = owner  # the token's user may write here only
-        self.repos = {}  # repo_id -> {'files': {path: bytes}, 'sha': str, 'private': bool}
+        self.repos = {}  # repo_id (models) or 'spaces/' + repo_id -> {'files': {path: bytes}, 'sha': str, ...}
         self.requests = []
         double = self
 
@@ -50,26 +50,29 @@ class HubDouble:
                     repo_id = f'{req.get("organization") or double.owner}/{req["name"]}'
                     if not repo_id.startswith(double.owner + '/'):
                         return self._send(403, {'error': 'You do not have rights to create this repo'})
-                    double.repos.setdefault(repo_id, {'files': {}, 'sha': '0' * 40, 'private': req.get('private')})
+                    key = f'spaces/{repo_id}' if req.get('type') == 'space' else repo_id
+                    double.repos.setdefault(key, {'files': {}, 'sha': '0' * 40, 'private': req.get('private'),
+                                                  'sdk': req.get('sdk')})
                     return self._send(200, {'url': f'{double.url}/{repo_id}', 'name': repo_id})
                 if self.path == '/api/validate-yaml':
                     return self._send(200, {'errors': [], 'warnings': []})
-                m = re.match(r'/api/models/([^/]+/[^/]+)/(preupload|commit)/([^/?]+)', self.path)
-                if m and m.group(1) not in double.repos:
+                m = re.match(r'/api/(?:models/|(spaces)/)([^/]+/[^/]+)/(preupload|commit)/([^/?]+)', self.path)
+                key = m and '/'.join(g for g in m.groups()[:2] if g)
+                if m and key not in double.repos:
                     return self._send(404, {'error': 'Repository not found'}, {'X-Error-Code': 'RepoNotFound'})
-                if m and m.group(2) == 'preupload':
+                if m and m.group(3) == 'preupload':
                     files = json.loads(body)['files']
                     return self._send(200, {'files': [{'path': f['path'], 'uploadMode': 'regular',
                                                        'shouldIgnore': False} for f in files]})
-                if m and m.group(2) == 'commit':
-                    repo = double.repos[m.group(1)]
+                if m and m.group(3) == 'commit':
+                    repo = double.repos[key]
                     for line in body.decode().splitlines():
                         item = json.loads(line)
                         if item['key'] == 'file':
                             repo['files'][item['value']['path']] = base64.b64decode(item['value']['content'])
                     repo['sha'] = hashlib.sha1(json.dumps(sorted(
                         (k, hashlib.sha1(v).hexdigest()) for k, v in repo['files'].items())).encode()).hexdigest()
-                    return self._send(200, {'commitUrl': f'{double.url}/{m.group(1)}/commit/{repo["sha"]}',
+                    return self._send(200, {'commitUrl': f'{double.url}/{key}/commit/{repo["sha"]}',
                                             'commitOid': repo['sha']})
                 return self._send(404, {'error': f'not implemented: {self.path}'})
 

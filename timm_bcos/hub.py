@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from torch import nn
 
@@ -144,6 +144,8 @@ def publish(
         out_dir: Optional[str] = None,
         weights: bool = True,
         endpoint: Optional[str] = None,
+        space: bool = False,
+        space_dir: Optional[str] = None,
 ) -> str:
     """Write a Hub repo folder for a B-cos model and upload it.
 
@@ -163,33 +165,58 @@ def publish(
             which is replaced atomically; a folder holding anything else is refused.
         weights: include ``model.safetensors`` (False: card and config only, e.g. for ``hub_cards/``).
         endpoint: Hub endpoint (default: ``HF_ENDPOINT``).
+        space: also write a Hub Space folder serving the explorer for this model
+            (`timm_bcos.app.space`: ``app.py``, ``requirements.txt``, ``README.md``) to `space_dir`
+            (default: the model folder's path + ``-space``), and upload it to the Space ``repo_id``.
+        space_dir: where the Space folder goes (same rules as `out_dir`).
 
     Returns:
-        The folder written (dry run) or the URL of the commit.
+        The folder written (dry run) or the URL of the commit (the model's; the Space's follows on a
+        second line with `space`).
     """
     check_repo_id(repo_id)
     model, results = _load(model_or_dir)
     card_metrics = {**results, **(metrics or {})}
     final = Path(out_dir).absolute() if out_dir else Path(tempfile.mkdtemp(prefix='timm-bcos-publish-'))
-    foreign = OutputFolder(final, 'publish').foreign()
-    if foreign:
-        raise OutputFolderError(f'{final} holds files publish did not write ({", ".join(foreign[:5])}): publish '
-                                f'replaces its whole folder, so it will not write there; choose a new or empty folder')
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix='.publish-', dir=final.parent))
-    try:
+    space_final = Path(space_dir).absolute() if space_dir else final.with_name(final.name + '-space')
+    for where, kind in [(final, 'publish')] + ([(space_final, 'publish-space')] if space else []):
+        foreign = OutputFolder(where, kind).foreign()
+        if foreign:
+            raise OutputFolderError(f'{where} holds files publish did not write ({", ".join(foreign[:5])}): publish '
+                                    f'replaces its whole folder, so it will not write there; choose a new or empty '
+                                    f'folder')
+
+    def repo_folder(folder: OutputFolder) -> None:
         with tempfile.TemporaryDirectory() as examples:
-            if images is None:  # images of the model's own data, never another dataset's
-                images = example_images(model.pretrained_cfg.get('label_names'), examples)
-            _write_repo_folder(OutputFolder(work, 'publish'), model, repo_id, card_metrics, images, weights)
+            found = example_images(model.pretrained_cfg.get('label_names'), examples) if images is None else images
+            _write_repo_folder(folder, model, repo_id, card_metrics, found, weights)
+
+    _write_folder(final, 'publish', repo_folder)
+    if space:
+        from .app.space import write_space
+
+        _write_folder(space_final, 'publish-space', lambda folder: write_space(folder, repo_id))
+    if dry_run:
+        return str(final) + (f'\n{space_final}' if space else '')
+    url = _upload(str(final), repo_id, private=private, token=token, endpoint=endpoint)
+    if space:
+        url += '\n' + _upload(str(space_final), repo_id, private=private, token=token, endpoint=endpoint,
+                               repo_type='space')
+    return url
+
+
+def _write_folder(final: Path, kind: str, write: Callable[[OutputFolder], None]) -> None:
+    """`write` the folder's files into a new temporary folder next to `final`, then put it in place of
+    `final` (absent, empty, or `kind`'s own earlier output): readers never see half a folder."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f'.{kind}-', dir=final.parent))
+    try:
+        write(OutputFolder(work, kind))
         _replace_folder(work, final)
     except BaseException:
         with contextlib.suppress(OSError):  # never hide the error that got us here
             remove_owned_folder(work)  # the files written so far into this new temporary folder
         raise
-    if dry_run:
-        return str(final)
-    return _upload(str(final), repo_id, private=private, token=token, endpoint=endpoint)
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -231,7 +258,8 @@ def _replace_folder(work: Path, final: Path) -> None:
     remove_owned_folder(old)  # publish's own previous output: only the files it lists
 
 
-def _upload(folder: str, repo_id: str, *, private: bool, token: Optional[str], endpoint: Optional[str]) -> str:
+def _upload(folder: str, repo_id: str, *, private: bool, token: Optional[str], endpoint: Optional[str],
+            repo_type: str = 'model') -> str:
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -241,9 +269,10 @@ def _upload(folder: str, repo_id: str, *, private: bool, token: Optional[str], e
                               f'The repo folder was written to {folder} (dry_run=True / --dry-run only writes it).')
     api = HfApi(endpoint=endpoint, token=token)
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message='Upload B-cos model (timm-bcos)',
-                                 ignore_patterns=[OWNER_FILE])
+        space = dict(space_sdk='gradio') if repo_type == 'space' else {}
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, **space)
+        info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type=repo_type, ignore_patterns=[OWNER_FILE],
+                                 commit_message=f'Upload B-cos {"explorer" if space else "model"} (timm-bcos)')
     except HfHubHTTPError as e:
         status = getattr(e.response, 'status_code', None)
         if status in (401, 403):
