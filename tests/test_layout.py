@@ -9,7 +9,7 @@ import pytest
 import package_layout
 import timm_bcos
 
-SUBPACKAGES = ('convert', 'data', 'evaluation', 'explain', 'layers', 'models', 'training', 'weights', 'cli')
+SUBPACKAGES = ('convert', 'data', 'evaluation', 'explain', 'layers', 'models', 'training', 'weights', 'app', 'cli')
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
 

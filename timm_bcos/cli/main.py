@@ -2,13 +2,14 @@
 
     timm-bcos explain IMAGE... --model NAME|local-dir:PATH|hf-hub:ID [--checkpoint FILE]
                      [--target C | --topk K] [--layer L --neuron N] --out DIR
-    timm-bcos publish RUN_DIR --repo-id ORG/NAME [--private] [--dry-run --out DIR] [--image PNG ...]
+    timm-bcos publish RUN_DIR --repo-id ORG/NAME [--private] [--dry-run --out DIR] [--image PNG ...] [--space]
     timm-bcos pull ORG/NAME --out DIR
     timm-bcos bcosify MODEL --out DIR [--checkpoint FILE] [--b B] [--preserve-function] [--option K=V ...]
     timm-bcos coverage [--models NAME ... | --families [FAMILY ...]] [--train] [--out FILE]  (see --help)
     timm-bcos train --model NAME --data digits|fashion-mnist|DIR --output DIR [options]  (see --help)
     timm-bcos evaluate --model NAME --baseline NAME --data fashion-mnist --grid 3 --n 500 --out DIR  (see --help)
     timm-bcos demo [--model NAME] [--out out/demo]
+    timm-bcos serve [--model NAME_OR_PATH ...] [--host 127.0.0.1] [--port 7860]  (the explorer in the browser)
 """
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                                    'a new temporary folder)')
     pub.add_argument('--no-weights', action='store_true', help='card and config only (no model.safetensors)')
     pub.add_argument('--image', action='append', help="example image(s) for the card's explanation")
+    pub.add_argument('--space', action='store_true', help='also write (and upload) a Hub Space serving the explorer '
+                                                          'for this model (app.py, requirements.txt, README.md)')
+    pub.add_argument('--space-out', help='where to write the Space folder (default: the --out folder + "-space")')
     pull = sub.add_parser('pull', help="download a published model's files")
     pull.add_argument('repo_id')
     pull.add_argument('--out', required=True)
@@ -53,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                                      'the logit spread and the gates, or --train them briefly (writes a report)'),
                        ('train', 'train with accelerate (checkpoints, --resume, final local-dir: folder)'),
                        ('evaluate', 'grid pointing game of B-cos vs post-hoc explanations (tables, plots)'),
-                       ('demo', 'explain the shipped Fashion-MNIST model and check Eq. 13')):
+                       ('demo', 'explain the shipped Fashion-MNIST model and check Eq. 13'),
+                       ('serve', 'the explanation explorer in the browser (Gradio), offline on the shipped model')):
         sub.add_parser(name, help=text, add_help=False)
     return parser
 
@@ -90,6 +95,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: List[s
         from ..training import main as run
     elif args.command == 'evaluate':
         from ..evaluation import main as run
+    elif args.command == 'serve':
+        from .serve import main as run
     else:
         from .demo import main as run
     run(rest)
@@ -121,8 +128,10 @@ def _publish(args: argparse.Namespace) -> None:
     from ..hub import publish
 
     where = publish(args.run_dir, args.repo_id, images=args.image, private=args.private, token=args.token,
-                    dry_run=args.dry_run, out_dir=args.out, weights=not args.no_weights)
-    print(f'{"wrote" if args.dry_run else "published"}: {where}')
+                    dry_run=args.dry_run, out_dir=args.out, weights=not args.no_weights, space=args.space,
+                    space_dir=args.space_out)
+    for line, what in zip(where.splitlines(), ('model', 'space')):
+        print(f'{"wrote" if args.dry_run else "published"} {what}: {line}')
 
 
 def _pull(args: argparse.Namespace) -> None:
