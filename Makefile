@@ -21,7 +21,7 @@ test: $(STAMP)
 
 # Runs each benchmark and records its output next to it (benchmarks/<name>.txt).
 bench: $(STAMP)
-	for b in layer model explain bcosify; do \
+	for b in layer model explain bcosify serve; do \
 	  { echo "# python benchmarks/$$b.py at $$(git rev-parse --short HEAD), $$(date -u +%F), $$(nproc) cores: $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"; \
 	    $(PY) benchmarks/$$b.py; } > benchmarks/$$b.txt.tmp && mv benchmarks/$$b.txt.tmp benchmarks/$$b.txt && cat benchmarks/$$b.txt; \
 	done

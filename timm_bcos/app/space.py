@@ -6,7 +6,7 @@ own Hub path and serves `timm_bcos.app.ui` on the address and port the Space giv
 """
 from __future__ import annotations
 
-from .._utils import OutputFolder
+from .._utils import OutputFolder, package_version
 
 __all__ = ['SPACE_FILES', 'write_space']
 
@@ -63,12 +63,11 @@ def write_space(folder: OutputFolder, repo_id: str) -> None:
     import timm
     import torch
 
-    from .. import __version__
-
-    torch_version = torch.__version__.split('+')[0]
-    requirements = (f'# the explorer and the model code (timm-bcos {__version__}); to run an unreleased version,\n'
-                    f'# replace the first line with the package\'s git URL: git+https://.../timm-bcos@COMMIT\n'
-                    f'timm-bcos=={__version__}\ntorch=={torch_version}\ntimm=={timm.__version__}\n'
+    version = package_version('timm-bcos')
+    pin = f'timm-bcos=={version}' if version else 'timm-bcos'
+    requirements = (f'# the explorer and the model code; to run an unreleased version, replace the first line\n'
+                    f'# with the package\'s git URL: git+https://.../timm-bcos@COMMIT\n'
+                    f'{pin}\ntorch=={torch.__version__.split("+")[0]}\ntimm=={timm.__version__}\n'
                     f'gradio=={gradio.__version__}\n')
     texts = dict(zip(SPACE_FILES, (_APP.format(repo_id=repo_id), requirements,
                                    _README.format(repo_id=repo_id, gradio=gradio.__version__))))

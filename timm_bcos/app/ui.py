@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..data import demo_images
@@ -51,16 +52,9 @@ def _info(view: View) -> str:
             f'error of **{view.eq13_error:.1e}**.')
 
 
-def build_app(explorer: Explorer, title: str = 'B-cos explanation explorer'):
-    """The explorer page for `explorer`'s models, as a `gradio.Blocks` (not launched).
-
-    The *Explain* button is the API endpoint ``explain`` (image, model name) -> (top classes with
-    probabilities, colour explanation of the top class); it is batched (``batch=True``): requests that
-    arrive together are explained in one call.
-    """
+def _handlers(explorer: Explorer) -> SimpleNamespace:
+    """The page's callbacks; each shows bad input as a message (`_page_errors`)."""
     import gradio as gr
-
-    names = explorer.names
 
     @_page_errors
     def explain_api(images: List[Any], models: List[str]) -> Tuple[List[Dict[str, float]], List[Any]]:
@@ -110,70 +104,96 @@ def build_app(explorer: Explorer, title: str = 'B-cos explanation explorer'):
         return (gr.update(choices=layers, value=layers[-1] if layers else None),
                 gr.update(choices=classes, value=None), gr.update(choices=classes, value=None))
 
-    with gr.Blocks(title=title, analytics_enabled=False) as app:
-        gr.Markdown(f'# {title}\nEvery output of a B-cos network is an exact input-dependent linear map, '
-                    '`logit = W(x) x + b` (Eq. 13). Pick an image and a model: the page shows the top classes, '
-                    'the colour explanation of a class (a row of W(x), Eq. 15 visualisation) and its '
-                    'contribution map `W(x) * x` (red: for the class, blue: against).')
-        with gr.Row():
-            with gr.Column(scale=1):
-                image = gr.Image(type='filepath', label='image', sources=['upload', 'clipboard'], elem_id='image',
-                                 height=240)
-                model = gr.Dropdown(names, value=names[0], label='model', elem_id='model')
-                run = gr.Button('Explain', variant='primary', elem_id='run')
-                examples = demo_images()
-                if examples:
-                    gr.Examples(examples, inputs=image, label='shipped Fashion-MNIST test images')
-            with gr.Column(scale=2):
-                label = gr.Label(num_top_classes=explorer.topk, label='top classes (sigmoid probability)',
-                                 elem_id='classes')
-                target = gr.Dropdown([], label='class to explain', elem_id='target')
-                with gr.Row():
-                    seen = gr.Image(label='model input', format='png', interactive=False, elem_classes='pixelated')
-                    colour = gr.Image(label='explanation (Eq. 15 visualisation)', format='png', interactive=False,
-                                      elem_id='explanation')
-                    contrib = gr.Image(label='contributions W(x) * x', format='png', interactive=False,
-                                       elem_id='contributions')
-                info = gr.Markdown(elem_id='eq13')
-        with gr.Tab('Compare'):
-            with gr.Row():
-                class_a = gr.Dropdown(explorer.class_names(names[0]), label='class A')
-                class_b = gr.Dropdown(explorer.class_names(names[0]), label='class B')
-                method = gr.Dropdown(list(POST_HOC_CHOICES), value='gradcam', label='post-hoc method (for class A)')
-                compare_btn = gr.Button('Compare', elem_id='run-compare')
-            with gr.Row():
-                a_img, b_img, a_map, p_map = (
-                    gr.Image(label=text, format='png', interactive=False, elem_classes='pixelated', elem_id=key)
-                    for text, key in (('B-cos: class A', 'compare-a'),
-                                      ('B-cos: class B', 'compare-b'),
-                                      ('B-cos contributions: class A', 'compare-contributions'),
-                                      ('post-hoc method: class A', 'compare-posthoc')))
-            compare_info = gr.Markdown()
-        with gr.Tab('Inner neuron'):
-            with gr.Row():
-                layers = list(explorer.layers(names[0]))
-                layer = gr.Dropdown(layers, value=layers[-1] if layers else None, label='layer', elem_id='layer')
-                channel = gr.Number(0, precision=0, minimum=0, label='channel')
-                neuron_btn = gr.Button('Explain neuron', elem_id='run-neuron')
-            with gr.Row():
-                n_img = gr.Image(label='explanation', format='png', interactive=False, elem_classes='pixelated',
-                                 elem_id='neuron')
-                n_map = gr.Image(label='contributions', format='png', interactive=False, elem_classes='pixelated',
-                                 elem_id='neuron-contributions')
-            neuron_info = gr.Markdown(elem_id='neuron-info')
+    return SimpleNamespace(explain_api=explain_api, show_class=show_class, compare=compare, show_neuron=show_neuron,
+                           model_changed=model_changed)
 
-        class_outputs = [target, colour, contrib, info, seen, class_a, class_b]
+
+def _components(explorer: Explorer, title: str) -> SimpleNamespace:
+    """The page's layout (inside a `gradio.Blocks`): input column, classes and the class view, the
+    *Compare* and *Inner neuron* tabs."""
+    import gradio as gr
+
+    names = explorer.names
+    gr.Markdown(f'# {title}\nEvery output of a B-cos network is an exact input-dependent linear map, '
+                '`logit = W(x) x + b` (Eq. 13). Pick an image and a model: the page shows the top classes, '
+                'the colour explanation of a class (a row of W(x), Eq. 15 visualisation) and its '
+                'contribution map `W(x) * x` (red: for the class, blue: against).')
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = gr.Image(type='filepath', label='image', sources=['upload', 'clipboard'], elem_id='image',
+                             height=240)
+            model = gr.Dropdown(names, value=names[0], label='model', elem_id='model')
+            run = gr.Button('Explain', variant='primary', elem_id='run')
+            examples = demo_images()
+            if examples:
+                gr.Examples(examples, inputs=image, label='shipped Fashion-MNIST test images')
+        with gr.Column(scale=2):
+            label = gr.Label(num_top_classes=explorer.topk, label='top classes (sigmoid probability)',
+                             elem_id='classes')
+            target = gr.Dropdown([], label='class to explain', elem_id='target')
+            with gr.Row():
+                seen = gr.Image(label='model input', format='png', interactive=False, elem_classes='pixelated')
+                colour = gr.Image(label='explanation (Eq. 15 visualisation)', format='png', interactive=False,
+                                  elem_id='explanation')
+                contrib = gr.Image(label='contributions W(x) * x', format='png', interactive=False,
+                                   elem_id='contributions')
+            info = gr.Markdown(elem_id='eq13')
+    with gr.Tab('Compare'):
+        with gr.Row():
+            class_a = gr.Dropdown(explorer.class_names(names[0]), label='class A')
+            class_b = gr.Dropdown(explorer.class_names(names[0]), label='class B')
+            method = gr.Dropdown(list(POST_HOC_CHOICES), value='gradcam', label='post-hoc method (for class A)')
+            compare_btn = gr.Button('Compare', elem_id='run-compare')
+        with gr.Row():
+            a_img, b_img, a_map, p_map = (
+                gr.Image(label=text, format='png', interactive=False, elem_classes='pixelated', elem_id=key)
+                for text, key in (('B-cos: class A', 'compare-a'),
+                                  ('B-cos: class B', 'compare-b'),
+                                  ('B-cos contributions: class A', 'compare-contributions'),
+                                  ('post-hoc method: class A', 'compare-posthoc')))
+        compare_info = gr.Markdown()
+    with gr.Tab('Inner neuron'):
+        with gr.Row():
+            layers = list(explorer.layers(names[0]))
+            layer = gr.Dropdown(layers, value=layers[-1] if layers else None, label='layer', elem_id='layer')
+            channel = gr.Number(0, precision=0, minimum=0, label='channel')
+            neuron_btn = gr.Button('Explain neuron', elem_id='run-neuron')
+        with gr.Row():
+            n_img = gr.Image(label='explanation', format='png', interactive=False, elem_classes='pixelated',
+                             elem_id='neuron')
+            n_map = gr.Image(label='contributions', format='png', interactive=False, elem_classes='pixelated',
+                             elem_id='neuron-contributions')
+        neuron_info = gr.Markdown(elem_id='neuron-info')
+
+    return SimpleNamespace(**{k: v for k, v in locals().items() if isinstance(v, gr.components.Component)})
+
+
+def build_app(explorer: Explorer, title: str = 'B-cos explanation explorer'):
+    """The explorer page for `explorer`'s models, as a `gradio.Blocks` (not launched).
+
+    The *Explain* button is the API endpoint ``explain`` (image, model name) -> (top classes with
+    probabilities, colour explanation of the top class); it is batched (``batch=True``): requests that
+    arrive together are explained in one call.
+    """
+    import gradio as gr
+
+    h = _handlers(explorer)
+    with gr.Blocks(title=title, analytics_enabled=False) as app:
+        c = _components(explorer, title)
+        class_outputs = [c.target, c.colour, c.contrib, c.info, c.seen, c.class_a, c.class_b]
         raw = dict(preprocess=False)  # images reach the explorer as files (`_path`)
         private = dict(raw, api_visibility='private')
-        run.click(explain_api, [image, model], [label, colour], api_name='explain', batch=True, max_batch_size=8,
-                  **raw).success(show_class, [image, model, target], class_outputs, **private)
-        image.change(explain_api, [image, model], [label, colour], batch=True, max_batch_size=8,
-                     **private).success(show_class, [image, model, target], class_outputs, **private)
-        target.input(show_class, [image, model, target], class_outputs, **private)
-        model.change(model_changed, model, [layer, class_a, class_b], **private)
-        compare_btn.click(compare, [image, model, class_a, class_b, method],
-                          [a_img, b_img, a_map, p_map, compare_info], **private)
-        neuron_btn.click(show_neuron, [image, model, layer, channel], [n_img, n_map, neuron_info], **private)
+        c.run.click(h.explain_api, [c.image, c.model], [c.label, c.colour], api_name='explain', batch=True,
+                    max_batch_size=8, **raw).success(h.show_class, [c.image, c.model, c.target], class_outputs,
+                                                     **private)
+        c.image.change(h.explain_api, [c.image, c.model], [c.label, c.colour], batch=True, max_batch_size=8,
+                       **private).success(h.show_class, [c.image, c.model, c.target], class_outputs, **private)
+        c.target.input(h.show_class, [c.image, c.model, c.target], class_outputs, **private)
+        c.model.change(h.model_changed, c.model, [c.layer, c.class_a, c.class_b], **private)
+        c.compare_btn.click(h.compare, [c.image, c.model, c.class_a, c.class_b, c.method],
+                            [c.a_img, c.b_img, c.a_map, c.p_map, c.compare_info], **private)
+        c.neuron_btn.click(h.show_neuron, [c.image, c.model, c.layer, c.channel], [c.n_img, c.n_map, c.neuron_info],
+                           **private)
     return app
 
 
