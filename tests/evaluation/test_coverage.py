@@ -119,6 +119,13 @@ def test_smallest_per_family(monkeypatch):
         smallest_per_family(['no_such_family'])
 
 
+def test_smallest_per_family_takes_classifiers_only():
+    """Gemma4-ViT's smallest model is an encoder without logits (num_classes stays 0): its classifier is taken."""
+    picks, skipped = smallest_per_family(['gemma4_vit'], progress=False)
+    assert [p.model for p in picks] == ['gemma4_vit_167m']
+    assert skipped['gemma4_vit_167m_enc'].startswith('ValueError: not a classifier: num_classes=0')
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('name', COVERAGE_MODELS)
 def test_coverage(name):

@@ -50,11 +50,15 @@ def family_of(name: str) -> str:
 
 
 def _meta_params(name: str) -> int:
+    """Parameters of the 10-class model `name`; a ValueError if it is not a classifier (an encoder
+    such as Gemma4-ViT's ``*_enc`` ignores ``num_classes``: it has no logits to explain)."""
     import timm
 
     with warnings.catch_warnings(), torch.device('meta'):
         warnings.simplefilter('ignore')
         model = timm.create_model(name, num_classes=10)
+    if getattr(model, 'num_classes', 10) != 10:
+        raise ValueError(f'not a classifier: num_classes={model.num_classes} after create_model(num_classes=10)')
     return sum(p.numel() for p in model.parameters())
 
 
@@ -69,9 +73,9 @@ def timm_families() -> List[str]:
 
 def smallest_per_family(families: Optional[Sequence[str]] = None, progress: bool = True
                         ) -> Tuple[List[FamilyModel], Dict[str, str]]:
-    """The smallest model of each family (all of `timm_families` by default), ties broken by name.
-    Returns the representatives and, by model name, why a model could not be built on the meta
-    device (such models are skipped)."""
+    """The smallest classifier of each family (all of `timm_families` by default), ties broken by name.
+    Returns the representatives and, by model name, why a model was skipped: it could not be built
+    on the meta device, or it is not a classifier."""
     import timm
     from tqdm import tqdm
 
@@ -85,7 +89,7 @@ def smallest_per_family(families: Optional[Sequence[str]] = None, progress: bool
     for family, name in tqdm(names, unit='model', desc='counting parameters (meta)', disable=not progress):
         try:
             params = _meta_params(name)
-        except Exception as e:  # reported: a model that cannot be built without memory is skipped
+        except Exception as e:  # reported: a model that cannot be built without memory, or no classifier
             skipped[name] = f'{type(e).__name__}: {" ".join(str(e).split())[:200]}'
             continue
         if family not in best or (params, name) < (best[family].params, best[family].model):
