@@ -270,6 +270,25 @@ class _BcosFunction(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None, None, None
 
 
+def _bcos_traceable(x: Tensor, weight: Tensor, geometry, max_out: int, b: float, scale: float, detach: bool,
+                    dtype: torch.dtype) -> Tensor:
+    """The same transform in plain differentiable ops, for torch.compile and torch.export: the
+    compiler derives the backward (with the dynamic scale detached in explanation mode) and fuses
+    the element-wise work that `_BcosFunction` hand-writes for eager mode."""
+    flat = weight.flatten(1)
+    w_hat = (flat / torch.linalg.vector_norm(flat, dim=1, keepdim=True).clamp_min(1e-12)).view_as(weight)
+    lin = geometry.unit_view(geometry.linear(x.to(dtype), w_hat.to(dtype)), max_out)
+    sel = lin[:, :, 0] if max_out == 1 else lin.max(dim=2).values  # Eq. 17
+    if b == 1:
+        y = sel / scale
+    else:
+        x_acc = x.to(_accumulate_dtype(x.dtype))
+        norm = geometry.patch_sq_norm(x_acc).add(NORM_EPS).sqrt()
+        dynamic = (sel.abs() / norm) ** (b - 1) / scale  # |c|^(B-1) / scale (Eq. 9)
+        y = sel * (dynamic.detach() if detach else dynamic).to(sel.dtype)
+    return y.reshape(geometry.output_shape(lin.shape))
+
+
 def bcos_apply(
         x: Tensor,
         weight: Tensor,
@@ -292,6 +311,8 @@ def bcos_apply(
     """
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    if torch.compiler.is_compiling():  # torch.compile / torch.export: plain ops the compiler can fuse
+        return _bcos_traceable(x, weight, geometry, max_out, b, scale, detach, dtype)
     return _BcosFunction.apply(x, weight, geometry, max_out, b, scale, detach, dtype)
 
 
