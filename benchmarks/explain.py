@@ -55,6 +55,9 @@ def main(argv=None) -> None:
     parser.add_argument('--size', type=int, default=128)
     parser.add_argument('--model', default='bcos_resnet18')
     parser.add_argument('--reference-own', action='store_true', help="also time bcos's own resnet18")
+    parser.add_argument('--compile', action='store_true',
+                        help='also time torch.compile(fullgraph=True): explain of the compiled model against its '
+                             'compiled no-grad forward')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # untrained B-cos nets have tiny activations: denormals are slow
@@ -123,6 +126,26 @@ def main(argv=None) -> None:
         print(f'{name:38s}{seconds * 1e3:10.1f}{seconds / fwd:11.2f}{vs_ours}')
     print('bcos explain() also renders its RGBA image (15x15 smoothing) each call; timm_bcos does not '
           '(Explanation.to_rgba on demand).')
+    if args.compile:
+        _compiled(model, x, args.reps)
+
+
+def _compiled(model: nn.Module, x: torch.Tensor, reps: int) -> None:
+    """explain() of ``torch.compile(model, fullgraph=True)`` against its compiled no-grad forward
+    (compile time excluded: the warm-up call of each measurement compiles its graph)."""
+    compiled = torch.compile(model, fullgraph=True)
+
+    def forward():
+        with torch.no_grad():
+            compiled(x)
+
+    t = {'compiled no-grad eval forward': median_time(forward, reps),
+         'compiled explain, 1 target': median_time(lambda: explain(compiled, x), reps),
+         'compiled explain, k=5': median_time(lambda: explain(compiled, x, k=5), reps)}
+    fwd = t['compiled no-grad eval forward']
+    print(f'{"torch.compile(fullgraph=True)":38s}{"ms/batch":>10s}{"x forward":>11s}')
+    for name, seconds in t.items():
+        print(f'{name:38s}{seconds * 1e3:10.1f}{seconds / fwd:11.2f}')
 
 
 if __name__ == '__main__':

@@ -3,9 +3,10 @@
 Prints fwd+bwd (and fwd-only) time ratios of `convert_to_bcos(model)` (MaxOut 2 and 1) against
 the same timm model unconverted, in this process: batch 8, 128 px, 2 threads, flush-denormal on.
 MaxOut 2 doubles every convolution, so ~2x is its floor; MaxOut 1 should cost little more than
-the plain network.
+the plain network. ``--compile``: every model (timm's too) through ``torch.compile(fullgraph=True)``
+first; the compile time is not in the timings (one warm-up call per measurement compiles).
 
-    python benchmarks/model.py [--models resnet50 densenet121] [--batch 8] [--size 128] [--reps 5]
+    python benchmarks/model.py [--models resnet50 densenet121] [--batch 8] [--size 128] [--reps 5] [--compile]
 """
 from __future__ import annotations
 
@@ -27,11 +28,13 @@ def main() -> None:
     parser.add_argument('--size', type=int, default=128)
     parser.add_argument('--reps', type=int, default=5)
     parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--compile', action='store_true', help='torch.compile(fullgraph=True) every model')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
-    print(f'batch {args.batch}, {args.size} px, {args.threads} threads, median of {args.reps}')
+    print(f'batch {args.batch}, {args.size} px, {args.threads} threads, median of {args.reps}'
+          f'{", torch.compile(fullgraph=True)" if args.compile else ", eager"}')
     print(f'{"model":>14} | {"variant":>10} | {"convert s":>9} | {"fb ms":>8} | {"fb ratio":>8} | {"f ratio":>7}')
     for name in args.models:
         x3 = torch.rand(args.batch, 3, args.size, args.size)
@@ -45,6 +48,8 @@ def main() -> None:
             variants[f'max_out={max_out}'] = (model, x6, time.perf_counter() - t0)
         times = {}
         for key, (model, x, _) in variants.items():
+            if args.compile:
+                model = torch.compile(model, fullgraph=True)
             def fwd_bwd(model=model, x=x):
                 model.zero_grad(set_to_none=True)
                 model(x).sum().backward()
