@@ -128,7 +128,8 @@ def eq13_autograd(model: nn.Module, x: Tensor) -> float:
     highest and lowest logit; ``max |sum(W * x) + sum(W_c * c) + b - logit| / max |logit - b|``, the
     constants ``c`` being the explained constants (positional embeddings, tokens; none in a CNN).
     NaN if the logits equal b exactly (nothing to check), inf if any value is not finite. One sample
-    at a time: the float64 autograd graph of a 768 px transformer fills a 24 GB machine at batch 2."""
+    at a time, to halve the memory of the float64 autograd graph (Gemma4-ViT and DeepSeek-ViT at
+    546-768 px still need more than 22 GB for one image)."""
     model.eval()
     b = logit_bias(model)
     selected, linear = zip(*(_explained_logits(model, x[i:i + 1]) for i in range(len(x))))
