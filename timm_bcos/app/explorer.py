@@ -80,11 +80,10 @@ def _row(e: Explanation, i: int) -> Explanation:
 
 
 class _Entry:
-    """What is known about one image under one model: its input, the top-k explanation and any
-    further class explanations asked for."""
+    """What is known about one image under one model: the top-k explanation (its `inputs` are the
+    encoded image) and any further class explanations asked for."""
 
-    def __init__(self, x: Tensor, top: Explanation) -> None:
-        self.x = x
+    def __init__(self, top: Explanation) -> None:
         self.top = top
         self.extra: Dict[int, Explanation] = {}
 
@@ -161,7 +160,7 @@ class Explorer:
                 k = min(self.topk, self.model(name).num_classes)
                 e = explain(self.model(name), x[todo], k=k)
                 for j, i in enumerate(todo):
-                    self._store(keys[i], _Entry(x[i:i + 1], _row(e, j)))
+                    self._store(keys[i], _Entry(_row(e, j)))
             for key in keys:
                 self._cache.move_to_end(key)
             return [self._cache[key].top for key in keys]
@@ -178,7 +177,7 @@ class Explorer:
                 return self._view(top, top.column(target))
             entry = self._cache[self._key(name, top.inputs[0])]
             if target not in entry.extra:
-                entry.extra[target] = explain(self.model(name), entry.x, target)
+                entry.extra[target] = explain(self.model(name), entry.top.inputs, target)
             return self._view(entry.extra[target], 0)
 
     def neuron_view(self, name: str, image: ImageLike, layer: str, channel: int) -> View:
