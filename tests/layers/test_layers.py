@@ -144,6 +144,36 @@ def test_linear_gradcheck():
 
 # --- dynamic linearity (Eq. 10-14) -----------------------------------------------------------
 
+def _saved_for_backward(layer: nn.Module, x: torch.Tensor):
+    """Shapes and bytes of the non-parameter storages autograd keeps for `layer(x)`'s backward."""
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = (tuple(t.shape), t.untyped_storage().nbytes())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return list(saved.values())
+
+
+@pytest.mark.parametrize('max_out', [1, 2])
+def test_backward_keeps_one_activation_beyond_the_conv_input(max_out):
+    """The fused layer keeps its input, the selected units (and MaxOut's winners) and the per-patch
+    norm for backward: at most one linear-output-sized tensor more than the convolution it wraps, and
+    no weight-sized one (the unit-norm weight is recomputed in backward)."""
+    torch.manual_seed(0)
+    layer = BcosConv2d(16, 32, 3, padding=1, max_out=max_out)
+    x = AddInverse()(torch.rand(4, 8, 16, 16)).requires_grad_(True)
+    saved = _saved_for_backward(layer, x)
+    assert all(shape != tuple(layer.weight.shape) for shape, _ in saved)
+    conv_saved = sum(n for _, n in _saved_for_backward(nn.Conv2d(16, 32 * max_out, 3, padding=1, bias=False), x))
+    lin_output = 4 * 32 * max_out * 16 * 16 * 4
+    norm = 4 * 16 * 16 * 4
+    assert conv_saved == x.numel() * 4 and sum(n for _, n in saved) <= conv_saved + lin_output + norm
+
+
 def _stack(dtype, **conv_kwargs):
     """conv -> conv -> pool -> linear -> logit layer, as in a small B-cos classifier."""
     net = nn.Sequential(
