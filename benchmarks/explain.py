@@ -8,7 +8,10 @@ their users run it (parameters trainable, so our fused layers also compute weigh
 once with the parameters frozen, as `explain` does. ``--reference-own`` also times their explain()
 on their own resnet18 (``bcos.models.pretrained.resnet18``, the v2 design: MaxOut 1, uncentered BN).
 
-    python benchmarks/explain.py [--model bcos_resnet18] [--size 128] [--batch 32] [--reps 3]
+``--profile``: where explain(k=5)'s time goes (torch.profiler): convolutions forward and backward
+against everything else, and the k=5 / k=1 ratio the convolutions alone would give.
+
+    python benchmarks/explain.py [--model bcos_resnet18] [--size 128] [--batch 32] [--reps 3] [--compile] [--profile]
 """
 from __future__ import annotations
 
@@ -58,6 +61,8 @@ def main(argv=None) -> None:
     parser.add_argument('--compile', action='store_true',
                         help='also time torch.compile(fullgraph=True): explain of the compiled model against its '
                              'compiled no-grad forward')
+    parser.add_argument('--profile', action='store_true', help="profile explain(k=1) and explain(k=5): the "
+                        "convolutions' share")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # untrained B-cos nets have tiny activations: denormals are slow
@@ -126,8 +131,37 @@ def main(argv=None) -> None:
         print(f'{name:38s}{seconds * 1e3:10.1f}{seconds / fwd:11.2f}{vs_ours}')
     print('bcos explain() also renders its RGBA image (15x15 smoothing) each call; timm_bcos does not '
           '(Explanation.to_rgba on demand).')
+    if args.profile:
+        _profile(model, x)
     if args.compile:
         _compiled(model, x, args.reps)
+
+
+def _profile(model: nn.Module, x: torch.Tensor) -> None:
+    """Self CPU time of explain(k=1) and explain(k=5) split into convolution forward, convolution
+    backward (the input gradients: one pass per target) and the rest; and k=5 / k=1 for each part."""
+    from torch.profiler import ProfilerActivity, profile
+
+    parts = {}
+    for k in (1, 5):
+        explain(model, x, k=k)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            explain(model, x, k=k)
+        split = {'conv forward': 0.0, 'conv backward': 0.0, 'rest': 0.0}
+        for event in prof.key_averages():
+            name = event.key
+            kind = ('conv backward' if name == 'aten::convolution_backward' else
+                    'conv forward' if name in ('aten::mkldnn_convolution', 'aten::_slow_conv2d_forward',
+                                               'aten::thnn_conv2d', 'aten::_convolution_depthwise2d') else 'rest')
+            split[kind] += event.self_cpu_time_total / 1e3
+        parts[k] = split
+    print(f'profile of explain (self CPU ms){"k=1":>12s}{"k=5":>10s}{"k=5/k=1":>10s}')
+    for kind in parts[1]:
+        print(f'{kind:31s}{parts[1][kind]:12.0f}{parts[5][kind]:10.0f}{parts[5][kind] / parts[1][kind]:10.2f}')
+    total = {k: sum(v.values()) for k, v in parts.items()}
+    conv = {k: v['conv forward'] + v['conv backward'] for k, v in parts.items()}
+    print(f'{"total":31s}{total[1]:12.0f}{total[5]:10.0f}{total[5] / total[1]:10.2f}')
+    print(f'{"convolutions alone":31s}{conv[1]:12.0f}{conv[5]:10.0f}{conv[5] / conv[1]:10.2f}')
 
 
 def _compiled(model: nn.Module, x: torch.Tensor, reps: int) -> None:

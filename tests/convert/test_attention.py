@@ -10,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from timm_bcos import AddInverse, convert_to_bcos
-from timm_bcos.layers import DynamicAttention, ExplainedConstant, explained_constants, explanation_mode
+from timm_bcos.layers import BcosConv2d, DynamicAttention, ExplainedConstant, explained_constants, explanation_mode
 
 
 def _x(n=3, size=32, dtype=torch.float64, seed=0):
@@ -262,6 +262,28 @@ def test_registered_bcos_vit_builds_small_and_exact():
     model = timm.create_model('bcos_vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, num_classes=4)
     assert model.bcos_cfg['max_out'] == 2 and model.double().check_dynamic_linearity(_x()) < 1e-12
     assert model.explain(_x(2, size=48)).check() < 1e-12  # any input size (default): the embedding is resampled
+
+
+def test_registered_bcos_vitc_conv_stem_is_exact_and_saves(tmp_path):
+    """ViT-C: timm's ViT with `ConvStemPatchEmbed` (the stem's first conv takes the encoding); exact in
+    float64, alive, and it saves and loads back through timm's ``local-dir:`` (its embed_layer class is
+    the name's own, not a saved argument)."""
+    import timm
+    from timm_bcos.models.export import save_pretrained
+    model = timm.create_model('bcos_vitc_tiny_patch16_224', img_size=32, patch_size=4, depth=2, num_classes=4,
+                              max_out=1, norm='bnu')
+    stem = model.patch_embed.proj
+    assert [m.stride for m in stem.modules() if isinstance(m, BcosConv2d)] == [(2, 2), (2, 2), (1, 1)]
+    assert stem[0].conv.in_channels == 6 and model.patch_embed.grid_size == (8, 8)
+    x = _x(3, dtype=torch.float32)
+    assert 0.1 < model.eval()(x).std() < 10
+    save_pretrained(model, str(tmp_path / 'vitc'))
+    loaded = timm.create_model(f'local-dir:{tmp_path / "vitc"}', pretrained=True).eval()
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert model.double().check_dynamic_linearity(_x()) < 1e-12
+    assert model.explain(_x(2, size=48)).check() < 1e-12
+    with pytest.raises(ValueError, match='patch_size must be a square power of 2'):
+        timm.create_model('bcos_vitc_tiny_patch16_224', img_size=30, patch_size=6)
 
 
 class _Window(nn.Module):

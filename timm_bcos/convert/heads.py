@@ -21,11 +21,21 @@ def _module_path(model: nn.Module, target: Optional[nn.Module]) -> Optional[str]
 
 
 def stem_paths(model: nn.Module) -> List[str]:
-    """Convs that take the image: timm's pretrained_cfg['first_conv'], else the first Conv2d."""
+    """Convs that take the image: timm's pretrained_cfg['first_conv'], else the first Conv2d. A
+    first_conv that names a container (a conv stem in place of a patchify conv: ViT-C) stands for
+    its first Conv2d."""
     first = (getattr(model, 'pretrained_cfg', None) or {}).get('first_conv')
     if first:
-        return [first] if isinstance(first, str) else list(first)
+        return [_first_conv(model, path) for path in ([first] if isinstance(first, str) else first)]
     return next(([n] for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), [])
+
+
+def _first_conv(model: nn.Module, path: str) -> str:
+    module = _get_submodule(model, path)
+    if module is None or isinstance(module, (nn.Conv2d, nn.Linear)):
+        return path
+    inner = next((n for n, m in module.named_modules() if isinstance(m, nn.Conv2d)), None)
+    return f'{path}.{inner}' if inner else path
 
 
 def classifier_paths(model: nn.Module) -> List[str]:

@@ -40,6 +40,7 @@ from ..convert import convert_to_bcos
 from ..weights.v1 import V1_MODELS, create_v1_model, map_v1_state_dict, v1_weights_file
 from ..weights.v2 import V2_ARCHS, create_v2_model, map_v2_state_dict
 from .builder import build_bcos_model
+from .conv_stem import ConvStemPatchEmbed
 from .simple_cifar import BcosSimpleNet, SimpleConvNet
 
 __all__ = ['PAPER_ARCHS', 'PAPER_DESIGN', 'SHIPPED_DIR', 'TINY_WIDTHS', 'V1_ARCHS']
@@ -49,6 +50,9 @@ PAPER_ARCHS = ('vgg11', 'resnet18', 'resnet34', 'resnet50', 'resnext50_32x4d', '
 # Architecture defaults of the converted models: the ViT takes any input size (its positional embedding
 # is resampled), as a CNN does (grid pointing game images are twice the size).
 _ARCH_DEFAULTS = {'vit_tiny_patch16_224': dict(dynamic_img_size=True)}
+# B-cos v2's ViT-C (`ConvStemPatchEmbed`): timm's ViT with a conv stem and one block fewer (its compute).
+_VITC = {'vitc_tiny_patch16_224': ('vit_tiny_patch16_224', dict(dynamic_img_size=True, embed_layer=ConvStemPatchEmbed,
+                                                                depth=11))}
 PAPER_DESIGN = dict(b=2.0, max_out=2, norm='none', head='auto', logit_bias=None, logit_temperature=None,
                     calibrate=True)
 _PAPER = dict(paper_name='B-cos Networks: Alignment is All We Need for Interpretability',
@@ -150,6 +154,7 @@ BCOSIFIED_TAGS = {
 
 default_cfgs = generate_default_cfgs({
     **{f'bcos_{arch}': _converted_cfg(arch) for arch in PAPER_ARCHS if arch not in V1_ARCHS},
+    **{f'bcos_{name}': _converted_cfg(base, first_conv='patch_embed.proj.0.conv') for name, (base, _) in _VITC.items()},
     **{f'bcosv2_{name}.in1k': _v2_cfg(name) for name in V2_ARCHS},
     'bcos_simple_cifar': _simple_cifar_cfg(),
     **{f'bcos_{key}': _v1_cfg(key) for key in _V1_ORDER},
@@ -182,8 +187,10 @@ def build_bcosified(base_model: str = 'resnet18', bcosify: Optional[Dict[str, An
     return bcosify_model(model, calibrate=calibrate, **(bcosify or {}))
 
 
-def _convert_builder(base: str, design: Dict[str, Any]) -> Callable[..., nn.Module]:
-    """Build timm's `base` and convert it; conversion arguments (b, max_out, ...) may be overridden.
+def _convert_builder(base: str, design: Dict[str, Any], defaults: Optional[Dict[str, Any]] = None
+                     ) -> Callable[..., nn.Module]:
+    """Build timm's `base` (with architecture arguments `defaults`, else `_ARCH_DEFAULTS`') and convert it;
+    conversion arguments (b, max_out, ...) may be overridden.
     With a ``bcosify`` argument (`timm_bcos.convert.bcosify_args`) it is B-cosified instead (a
     saved B-cosified model, or the ``*_bcosified`` tags)."""
     def builder(bcosify: Optional[Dict[str, Any]] = None, **kwargs) -> nn.Module:
@@ -193,7 +200,11 @@ def _convert_builder(base: str, design: Dict[str, Any]) -> Callable[..., nn.Modu
                 raise ValueError(f'{clash} are conversion arguments; a B-cosified model takes them in bcosify=')
             return build_bcosified(base, bcosify, **kwargs)
         convert = {k: kwargs.pop(k, v) for k, v in design.items()}
-        model = timm.create_model(base, pretrained=False, **{**_ARCH_DEFAULTS.get(base, {}), **kwargs})
+        arch = _ARCH_DEFAULTS.get(base, {}) if defaults is None else defaults
+        model = timm.create_model(base, pretrained=False, **{**arch, **kwargs})
+        # The name's own architecture arguments are not the user's: the saved config rebuilds them by name
+        # (and a class such as ViT-C's embed_layer is not JSON).
+        model._model_args = {k: v for k, v in getattr(model, '_model_args', {}).items() if k not in arch}
         return convert_to_bcos(model, in_chans=kwargs.get('in_chans', 6), **convert)
     return builder
 
@@ -255,6 +266,11 @@ def _paper_doc(arch: str) -> str:
 
 for _arch in PAPER_ARCHS:
     _register(f'bcos_{_arch}', _convert_builder(_arch, PAPER_DESIGN), _paper_doc(_arch), converted=True)
+for _name, (_base, _defaults) in _VITC.items():
+    _register(f'bcos_{_name}', _convert_builder(_base, PAPER_DESIGN, _defaults),
+              f"B-cos ViT-C (B-cos v2 §5): timm's {_base} with a conv stem (`ConvStemPatchEmbed`: 3x3 stride-2 "
+              f"conv + BN + ReLU layers, then a 1x1 projection) and depth 11, converted with the paper's design.",
+              converted=True)
 for _name in V2_ARCHS:
     _register(f'bcosv2_{_name}', partial(create_v2_model, _name),
               f"B-cos v2 {_name}: uncentered bias-free BN, MaxOut 1, conv head; pretrained=True loads the v2 "
