@@ -19,11 +19,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
 
-# Runs each benchmark and records its output next to it (benchmarks/<name>.txt).
+# Runs each benchmark and records its output next to it (benchmarks/<name>.txt): NAME or NAME:ARGS.
+BENCHES = layer model model-compile:--compile memory explain:--profile,--compile bcosify serve
 bench: $(STAMP)
-	for b in layer model explain bcosify serve; do \
-	  { echo "# python benchmarks/$$b.py at $$(git rev-parse --short HEAD), $$(date -u +%F), $$(nproc) cores: $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"; \
-	    $(PY) benchmarks/$$b.py; } > benchmarks/$$b.txt.tmp && mv benchmarks/$$b.txt.tmp benchmarks/$$b.txt && cat benchmarks/$$b.txt; \
+	for entry in $(BENCHES); do \
+	  name=$${entry%%:*}; script=$${name%-compile}; args=$$(echo "$${entry#$$name}" | tr ':,' '  '); \
+	  { echo "# python benchmarks/$$script.py$$args at $$(git rev-parse --short HEAD), $$(date -u +%F), $$(nproc) cores: $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"; \
+	    $(PY) benchmarks/$$script.py $$args; } > benchmarks/$$name.txt.tmp && mv benchmarks/$$name.txt.tmp benchmarks/$$name.txt && cat benchmarks/$$name.txt; \
 	done
 
 clean:
