@@ -36,6 +36,9 @@ def _round(eager, inner, compiled, x):
     eager(x).square().mean().backward()
     for p, q in zip(inner.parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * q.grad.abs().max().item())  # float32 sums
+    # One target first: the compiled explanation-mode backward must still be retainable for k=2
+    # (a backward compiled with donated buffers refuses retain_graph).
+    assert timm_bcos.explain(compiled, x).check() < 1e-5
     ec, ee = timm_bcos.explain(compiled, x, k=2), timm_bcos.explain(eager, x, k=2)
     torch.testing.assert_close(ec.weights, ee.weights, rtol=1e-4, atol=1e-5 * ee.weights.abs().max().item())
     assert torch.equal(ec.targets, ee.targets) and ec.check() < 1e-5

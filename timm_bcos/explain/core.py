@@ -8,6 +8,7 @@ independent, so the input gradient of ``sum_n f(x_n)[t_n]`` holds every image's 
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import warnings
@@ -79,7 +80,7 @@ def explain(
         for p in params:
             p.requires_grad_(False)
         model.eval()
-        with torch.inference_mode(False), torch.enable_grad(), explanation_mode(model):
+        with torch.inference_mode(False), torch.enable_grad(), explanation_mode(model), _retainable_graphs():
             x = _encode(model, x)
             if module is None:
                 result = _explain_outputs(model, x, target, k)
@@ -95,6 +96,16 @@ def explain(
     result.class_names = list(names) if names is not None else None
     _check_exact(model, result, verify)
     return result
+
+
+def _retainable_graphs():
+    """A torch.compile'd model compiles its explanation-mode graph in here: without donated buffers,
+    whose backward cannot be retained for the next target (one backward per target, `_input_rows`)."""
+    import torch._functorch.config as functorch_config
+
+    if not hasattr(functorch_config, 'donated_buffer'):
+        return contextlib.nullcontext()
+    return functorch_config.patch(donated_buffer=False)
 
 
 def _check_exact(model: nn.Module, result: Explanation, verify: bool) -> None:
