@@ -80,6 +80,24 @@ def test_check_model_outcomes(monkeypatch):
     assert (r.outcome, r.reason) == (CRASHED, 'train-mode forward + backward: RuntimeError: boom')
 
 
+def test_check_model_builds_a_vit_for_its_img_size(monkeypatch):
+    """A ViT fixes its positional embedding when built: a survey at another size builds it for that size
+    (the two largest attention families are checked at 224 px: their own size does not fit in memory)."""
+    built = []
+    create = timm.create_model
+
+    def recording(name, **kwargs):
+        model = create(name, **kwargs)
+        built.append((name, kwargs.get('img_size'), model.patch_embed.grid_size if 'vit' in name else None))
+        return model
+    monkeypatch.setattr(timm, 'create_model', recording)
+    r = check_model('test_vit', img_size=64)
+    assert (r.group, r.outcome, r.input_size) == ('attention', EXACT, (64, 64)) and r.error < 1e-10
+    assert built == [('test_vit', 64, (4, 4))]
+    r = check_model('test_resnet', img_size=64)  # a CNN's constructor takes no img_size: built as it is
+    assert r.outcome == EXACT and built[-1] == ('test_resnet', None, None)
+
+
 def _result(model, group, outcome, error=None, spread=None, gates=()):
     return CoverageResult(model, model.split('_')[0], group, outcome, 1_000_000, (64, 64), error, spread, 1.0,
                           '' if outcome == EXACT else 'why | not', 'matmul in blocks.0' if group == 'attention' else '',

@@ -192,7 +192,7 @@ def check_model(name: str, img_size: Optional[int] = None, **convert_kwargs) -> 
         torch.manual_seed(0)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            model = timm.create_model(name, pretrained=False, num_classes=10)
+            model = _create(name, img_size)
         size = (img_size, img_size) if img_size else tuple(model.pretrained_cfg['input_size'][1:])
         result.input_size = size
         result.group, result.attention = _classify(model, (3, *size))
@@ -205,6 +205,20 @@ def check_model(name: str, img_size: Optional[int] = None, **convert_kwargs) -> 
         _check_converted(model, result)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _create(name: str, img_size: Optional[int]) -> nn.Module:
+    """timm's 10-class `name`, built for `img_size` px where its constructor takes ``img_size`` (a ViT
+    sizes its positional embedding when built); a CNN takes any size as built."""
+    import timm
+
+    if img_size:
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=10, img_size=img_size)
+        except TypeError as e:
+            if 'img_size' not in str(e):
+                raise
+    return timm.create_model(name, pretrained=False, num_classes=10)
 
 
 def _check_converted(model: nn.Module, result: CoverageResult) -> None:

@@ -1,7 +1,7 @@
 """`timm-bcos coverage`: the converter's surveys.
 
-    timm-bcos coverage [--models NAME ...] [--out out/coverage.md]        # a list (default: required + extra)
-    timm-bcos coverage --families [FAMILY ...] [--out out/families.md]    # the smallest model of each timm family
+    timm-bcos coverage [--models NAME ...] [--img-size PX] [--out out/coverage.md]     # a list (default: required + extra)
+    timm-bcos coverage --families [FAMILY ...] [--img-size PX] [--out out/families.md] # the smallest of each timm family
     timm-bcos coverage --train [--models NAME ...] [--out out/trainability.md] [--steps N --lr LR --batch-size N]
     timm-bcos coverage --bcosify [--models NAME ...] [--img-size PX] [--out out/bcosify.md]
 
@@ -48,7 +48,9 @@ def build_coverage_parser() -> argparse.ArgumentParser:
     mode.add_argument('--train', action='store_true', help='train each converted model briefly on digits')
     mode.add_argument('--bcosify', action='store_true', help='B-cosify each model: the B=1 form against the original, '
                                                              'the B-cos form by Eq. 13')
-    parser.add_argument('--img-size', type=int, help='--bcosify: input size in px (default: each model\'s own)')
+    parser.add_argument('--img-size', type=int, help="input size in px (default: each model's own); a model whose "
+                        "constructor takes img_size (a ViT) is built for it. For models whose float64 check does "
+                        "not fit in memory at their own size; the report gives each model's size")
     parser.add_argument('--out', help='the report (default: out/coverage.md, out/families.md with --families, '
                                       'out/trainability.md with --train)')
     default = Recipe()
@@ -66,13 +68,14 @@ def _default_out(args: argparse.Namespace) -> str:
     return 'out/families.md' if args.families is not None else 'out/coverage.md'
 
 
-def _survey(names: Sequence[str], out: str, command: str, unit: str, skipped: Dict[str, str]) -> None:
+def _survey(names: Sequence[str], out: str, command: str, unit: str, skipped: Dict[str, str],
+            img_size: Optional[int] = None) -> None:
     from tqdm import tqdm
 
     results = []
     for name in (bar := tqdm(names, unit='model')):
         bar.set_description(name)
-        r = check_model(name)
+        r = check_model(name, img_size)
         results.append(r)
         err = f'{r.error:.1e}' if r.error is not None else '-'
         spread = f'{r.spread:.3g}' if r.spread is not None else '-'
@@ -149,4 +152,4 @@ def coverage_main(argv: Optional[List[str]] = None) -> None:
     elif args.train:
         _train(names, Recipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr), out, command)
     else:
-        _survey(names, out, command, unit, skipped)
+        _survey(names, out, command, unit, skipped, args.img_size)
