@@ -160,8 +160,8 @@ def _saved_for_backward(layer: nn.Module, x: torch.Tensor):
 
 @pytest.mark.parametrize('max_out', [1, 2])
 def test_backward_keeps_one_activation_beyond_the_conv_input(max_out):
-    """The fused layer keeps its input, the selected units (and MaxOut's winners) and the per-patch
-    norm for backward: at most one linear-output-sized tensor more than the convolution it wraps, and
+    """The fused layer keeps its input, the selected units (and MaxOut's winners), the per-patch
+    norm and each unit's 1 / ||w|| for backward: at most one linear-output-sized tensor more than the convolution it wraps, and
     no weight-sized one (the unit-norm weight is recomputed in backward)."""
     torch.manual_seed(0)
     layer = BcosConv2d(16, 32, 3, padding=1, max_out=max_out)
@@ -170,8 +170,8 @@ def test_backward_keeps_one_activation_beyond_the_conv_input(max_out):
     assert all(shape != tuple(layer.weight.shape) for shape, _ in saved)
     conv_saved = sum(n for _, n in _saved_for_backward(nn.Conv2d(16, 32 * max_out, 3, padding=1, bias=False), x))
     lin_output = 4 * 32 * max_out * 16 * 16 * 4
-    norm = 4 * 16 * 16 * 4
-    assert conv_saved == x.numel() * 4 and sum(n for _, n in saved) <= conv_saved + lin_output + norm
+    norm, inv_norm = 4 * 16 * 16 * 4, 32 * max_out * 4  # per patch; 1 / ||w|| per unit
+    assert conv_saved == x.numel() * 4 and sum(n for _, n in saved) <= conv_saved + lin_output + norm + inv_norm
 
 
 def _stack(dtype, **conv_kwargs):

@@ -232,16 +232,16 @@ class _BcosFunction(torch.autograd.Function):
         else:
             _dynamic_scale(sel, norm, b, scale, out=y).mul_(sel)
         ctx.geometry, ctx.b, ctx.scale, ctx.detach, ctx.lin_shape = geometry, b, scale, detach, lin.shape
-        # The normalised weight is recomputed in backward, not kept: a weight-sized tensor per layer
-        # less between forward and backward (benchmarks/memory.py).
-        ctx.save_for_backward(x, weight, sel, winners, norm)
+        # The normalised weight is recomputed in backward (one product), not kept: a weight-sized
+        # tensor per layer less between forward and backward (benchmarks/memory.py).
+        ctx.save_for_backward(x, weight, inv_norm, sel, winners, norm)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, weight, sel, winners, norm = ctx.saved_tensors
-        w_hat, inv_norm = _unit_normalise(weight)
+        x, weight, inv_norm, sel, winners, norm = ctx.saved_tensors
+        w_hat = (weight.flatten(1) * inv_norm).view_as(weight)
         w_compute = w_hat.to(x.dtype)
         geometry, b = ctx.geometry, ctx.b
         need_x, need_w = ctx.needs_input_grad[:2]
