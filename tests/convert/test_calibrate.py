@@ -46,6 +46,15 @@ def test_default_calibration_batch_is_the_pretrained_input_size():
     assert 0.5 <= _spread(model, _images(2, 224)) <= 2
 
 
+def test_a_vit_built_for_another_size_is_traced_and_calibrated_at_it():
+    """timm's ViT built with img_size=64 keeps pretrained_cfg input_size 160: the converter's example
+    input (concrete tracing) and calibration batch take the size it was built for."""
+    from timm_bcos.convert.calibrate import example_input
+    vit = timm.create_model('test_vit', img_size=64, num_classes=4)
+    assert vit.pretrained_cfg['input_size'] == (3, 160, 160) and example_input(vit).shape == (2, 3, 64, 64)
+    assert calibration_batch(timm_bcos.convert_to_bcos(vit)).shape == (4, 6, 64, 64)
+
+
 def test_every_layer_has_unit_rms_on_the_calibration_batch():
     model = timm_bcos.convert_to_bcos(timm.create_model('resnet18', num_classes=10), calibration_data=_images())
     rms = {}

@@ -38,19 +38,33 @@ class CalibrationResult:
     zero_output: List[str] = field(default_factory=list)
 
 
-def calibration_size(model: nn.Module) -> Optional[Tuple[int, int]]:
-    """The (H, W) of the model's ``pretrained_cfg['input_size']``; None for a model without one
-    (a user's own network: only its author knows what it takes)."""
+def _input_size(model: nn.Module) -> Optional[Tuple[int, ...]]:
+    """(C, H, W) the model was built for: timm's `get_model_input_config` (a ViT built with
+    ``img_size=`` takes that size, not its ``pretrained_cfg``'s), else ``pretrained_cfg['input_size']``;
+    None for a model without one (a user's own network: only its author knows what it takes)."""
     size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size')
-    return tuple(size[1:]) if size and len(size) == 3 else None
+    if not size or len(size) != 3:
+        return None
+    try:
+        from timm.models import get_model_input_config
+        built = get_model_input_config(model).get('input_size')
+    except Exception:  # an older timm, or a model timm cannot describe: its pretrained_cfg
+        built = None
+    return tuple(built) if built and len(built) == 3 else tuple(size)
+
+
+def calibration_size(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """The (H, W) the model was built for (`_input_size`); None for a model without one."""
+    size = _input_size(model)
+    return size[1:] if size else None
 
 
 def example_input(model: nn.Module) -> Optional[Tensor]:
-    """Two seeded noise images as the unconverted model takes them (``pretrained_cfg['input_size']``),
-    for tracing forwards at their real shapes (two: a batch size of 1 could pass for a constant);
-    None without a pretrained_cfg input size."""
-    size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size')
-    if not size or len(size) != 3:
+    """Two seeded noise images as the unconverted model takes them (at the size it was built for,
+    `_input_size`), for tracing forwards at their real shapes (two: a batch size of 1 could pass for
+    a constant); None without a pretrained_cfg input size."""
+    size = _input_size(model)
+    if size is None:
         return None
     param = next(model.parameters(), None)
     kwargs = dict(device=param.device, dtype=param.dtype) if param is not None and param.is_floating_point() else {}
