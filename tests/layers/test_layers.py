@@ -161,8 +161,8 @@ def _saved_for_backward(layer: nn.Module, x: torch.Tensor):
 @pytest.mark.parametrize('max_out', [1, 2])
 def test_backward_keeps_one_activation_beyond_the_conv_input(max_out):
     """The fused layer keeps its input, the selected units (and MaxOut's winners), the per-patch
-    norm and each unit's 1 / ||w|| for backward: at most one linear-output-sized tensor more than the convolution it wraps, and
-    no weight-sized one (the unit-norm weight is recomputed in backward)."""
+    norm and each unit's 1 / ||w|| for backward: at most one linear-output-sized tensor more than
+    the convolution it wraps, and no weight-sized one (the unit-norm weight is recomputed in backward)."""
     torch.manual_seed(0)
     layer = BcosConv2d(16, 32, 3, padding=1, max_out=max_out)
     x = AddInverse()(torch.rand(4, 8, 16, 16)).requires_grad_(True)

@@ -184,8 +184,6 @@ def _classify(model: nn.Module, input_size: Sequence[int]) -> Tuple[str, str]:
 def check_model(name: str, img_size: Optional[int] = None, **convert_kwargs) -> CoverageResult:
     """Build, classify, convert (`convert_kwargs` go to `convert_to_bcos`) and check one timm model at
     its default input size (or `img_size` px). Failures are recorded, not raised: this is a survey."""
-    import timm
-
     t0 = time.perf_counter()
     result = CoverageResult(name, family_of(name), 'unknown', CONVERSION_ERROR)
     try:

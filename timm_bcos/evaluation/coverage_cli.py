@@ -1,7 +1,7 @@
 """`timm-bcos coverage`: the converter's surveys.
 
-    timm-bcos coverage [--models NAME ...] [--img-size PX] [--out out/coverage.md]     # a list (default: required + extra)
-    timm-bcos coverage --families [FAMILY ...] [--img-size PX] [--out out/families.md] # the smallest of each timm family
+    timm-bcos coverage [--models NAME ...] [--img-size PX] [--out out/coverage.md]      # default: required + extra
+    timm-bcos coverage --families [FAMILY ...] [--img-size PX] [--out out/families.md]  # smallest of each family
     timm-bcos coverage --train [--models NAME ...] [--out out/trainability.md] [--steps N --lr LR --batch-size N]
     timm-bcos coverage --bcosify [--models NAME ...] [--img-size PX] [--out out/bcosify.md]
 

@@ -24,7 +24,8 @@ GROUP_TITLES = {'CNN': 'CNNs (no dot-product attention)', 'attention': 'Attentio
 _METHOD = (
     'Each model: `timm.create_model(name, pretrained=False, num_classes=10)` (seed 0), `convert_to_bcos` with '
     'its defaults (B=2, MaxOut 2, norms removed, 6-channel stem, calibrated scales), then at the input size *px* '
-    '(the default one, or `--img-size`, for which a ViT is built with `img_size=`): a train-mode forward + backward (float32, batch 2); the *logit spread*, std of logits - b '
+    '(the default one, or `--img-size`, for which a ViT is built with `img_size=`): a train-mode forward + '
+    'backward (float32, batch 2); the *logit spread*, std of logits - b '
     '(float32, eval mode, 8 seeded [x, 1-x] noise images); the *Eq. 13 error* in float64 by an independent '
     'autograd check: in explanation mode W = d logit / d x, max |sum(W*x) + sum(W_c*c) + b - logit| / max |logit - '
     "b| over 2 images x (highest, lowest logit), b = `bcos_cfg['logit_bias']`, c the explained constants "
