@@ -6,5 +6,5 @@ from .conv_stem import ConvStemPatchEmbed
 from .export import save_pretrained
 from .simple_cifar import BcosSimpleNet, ConvHeadNet, SimpleConvNet
 
-__all__ = ['BcosSimpleNet', 'CheckpointMismatchError', 'ConvHeadNet', 'ConvStemPatchEmbed', 'PretrainedWeightsError', 'SimpleConvNet',
-           'bcos_models', 'build_bcos_model', 'create_model', 'load_model', 'save_pretrained']
+__all__ = ['BcosSimpleNet', 'CheckpointMismatchError', 'ConvHeadNet', 'ConvStemPatchEmbed', 'PretrainedWeightsError',
+           'SimpleConvNet', 'bcos_models', 'build_bcos_model', 'create_model', 'load_model', 'save_pretrained']
