@@ -115,9 +115,18 @@ CONV_CASES = [
 ]
 
 
+@pytest.fixture(params=['fused', 'traceable'])
+def bcos_path(request, monkeypatch):
+    """Both implementations of the transform: the eager autograd Function, and the plain ops that
+    torch.compile / torch.export trace (taken whenever `torch.compiler.is_compiling()`)."""
+    if request.param == 'traceable':
+        monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    return request.param
+
+
 @pytest.mark.parametrize('case', CONV_CASES, ids=[str(c) for c in CONV_CASES])
 @pytest.mark.parametrize('b,max_out', [(1.0, 2), (1.5, 1), (2.0, 2), (2.5, 3)])
-def test_conv_matches_definition_and_gradcheck(case, b, max_out):
+def test_conv_matches_definition_and_gradcheck(case, b, max_out, bcos_path):
     layer = BcosConv2d(4, 8, b=b, max_out=max_out, **case).double()
     x = torch.randn(2, 4, 9, 9, dtype=torch.float64, requires_grad=True)
     for detach in (False, True):
@@ -135,7 +144,7 @@ def test_conv_matches_definition_and_gradcheck(case, b, max_out):
     assert torch.autograd.gradcheck(layer, (x,))
 
 
-def test_linear_gradcheck():
+def test_linear_gradcheck(bcos_path):
     for b, m in [(1.0, 1), (1.75, 2), (2.0, 2), (3.0, 3)]:
         layer = BcosLinear(6, 5, b=b, max_out=m).double()
         x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)

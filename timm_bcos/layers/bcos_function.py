@@ -282,7 +282,13 @@ def _bcos_traceable(x: Tensor, weight: Tensor, geometry, max_out: int, b: float,
     flat = weight.flatten(1)
     w_hat = (flat / torch.linalg.vector_norm(flat, dim=1, keepdim=True).clamp_min(1e-12)).view_as(weight)
     lin = geometry.unit_view(geometry.linear(x.to(dtype), w_hat.to(dtype)), max_out)
-    sel = lin[:, :, 0] if max_out == 1 else lin.max(dim=2).values  # Eq. 17
+    # MaxOut (Eq. 17) without `max(dim)`, whose backward keeps int64 indices and scatters.
+    if max_out == 1:
+        sel = lin[:, :, 0]
+    elif max_out == 2:
+        sel = torch.maximum(lin[:, :, 0], lin[:, :, 1])
+    else:
+        sel = lin.amax(dim=2)
     if b == 1:
         y = sel / scale
     else:
