@@ -1,8 +1,13 @@
-"""Timing helper shared by the benchmark scripts (run as ``python benchmarks/<name>.py``)."""
+"""Timing helpers shared by the benchmark scripts (run as ``python benchmarks/<name>.py``)."""
 from __future__ import annotations
 
 import statistics
 import time
+from typing import Dict
+
+# The ops that run convolutions on CPU (profiler names); everything else is the layers' own work.
+_CONV_FORWARD = ('aten::mkldnn_convolution', 'aten::_slow_conv2d_forward', 'aten::thnn_conv2d',
+                 'aten::_convolution_depthwise2d')
 
 
 def median_time(fn, reps: int) -> float:
@@ -14,3 +19,19 @@ def median_time(fn, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def conv_split(fn) -> Dict[str, float]:
+    """Self CPU ms of one call of `fn` (after a warm-up call), split into convolution forward,
+    convolution backward and the rest: how much of a step the convolutions themselves take."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    split = {'conv forward': 0.0, 'conv backward': 0.0, 'rest': 0.0}
+    for event in prof.key_averages():
+        kind = ('conv backward' if event.key == 'aten::convolution_backward' else
+                'conv forward' if event.key in _CONV_FORWARD else 'rest')
+        split[kind] += event.self_cpu_time_total / 1e3
+    return split

@@ -26,7 +26,7 @@ import timm
 from timm_bcos import AddInverse, DetachableModule
 from timm_bcos.explain import explain
 
-from _timing import median_time  # benchmarks/_timing.py
+from _timing import conv_split, median_time  # benchmarks/_timing.py
 
 with warnings.catch_warnings():
     warnings.simplefilter('ignore')
@@ -140,21 +140,7 @@ def main(argv=None) -> None:
 def _profile(model: nn.Module, x: torch.Tensor) -> None:
     """Self CPU time of explain(k=1) and explain(k=5) split into convolution forward, convolution
     backward (the input gradients: one pass per target) and the rest; and k=5 / k=1 for each part."""
-    from torch.profiler import ProfilerActivity, profile
-
-    parts = {}
-    for k in (1, 5):
-        explain(model, x, k=k)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            explain(model, x, k=k)
-        split = {'conv forward': 0.0, 'conv backward': 0.0, 'rest': 0.0}
-        for event in prof.key_averages():
-            name = event.key
-            kind = ('conv backward' if name == 'aten::convolution_backward' else
-                    'conv forward' if name in ('aten::mkldnn_convolution', 'aten::_slow_conv2d_forward',
-                                               'aten::thnn_conv2d', 'aten::_convolution_depthwise2d') else 'rest')
-            split[kind] += event.self_cpu_time_total / 1e3
-        parts[k] = split
+    parts = {k: conv_split(lambda k=k: explain(model, x, k=k)) for k in (1, 5)}
     print(f'profile of explain (self CPU ms){"k=1":>12s}{"k=5":>10s}{"k=5/k=1":>10s}')
     for kind in parts[1]:
         print(f'{kind:31s}{parts[1][kind]:12.0f}{parts[5][kind]:10.0f}{parts[5][kind] / parts[1][kind]:10.2f}')

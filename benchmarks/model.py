@@ -5,8 +5,12 @@ the same timm model unconverted, in this process: batch 8, 128 px, 2 threads, fl
 MaxOut 2 doubles every convolution, so ~2x is its floor; MaxOut 1 should cost little more than
 the plain network. ``--compile``: every model (timm's too) through ``torch.compile(fullgraph=True)``
 first; the compile time is not in the timings (one warm-up call per measurement compiles).
+``--profile``: each variant's fwd+bwd self CPU time (torch.profiler) split into convolution forward,
+convolution backward and the rest (norms, activations, the B-cos element-wise work, weight
+normalisation): what is the convolutions' own cost and what is not.
 
-    python benchmarks/model.py [--models resnet50 densenet121] [--batch 8] [--size 128] [--reps 5] [--compile]
+    python benchmarks/model.py [--models resnet50 densenet121] [--batch 8] [--size 128] [--reps 5]
+                               [--compile] [--profile]
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import torch
 
 from timm_bcos import convert_to_bcos
 
-from _timing import median_time  # benchmarks/_timing.py
+from _timing import conv_split, median_time  # benchmarks/_timing.py
 
 
 def main() -> None:
@@ -29,6 +33,7 @@ def main() -> None:
     parser.add_argument('--reps', type=int, default=5)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--compile', action='store_true', help='torch.compile(fullgraph=True) every model')
+    parser.add_argument('--profile', action='store_true', help='split fwd+bwd into convolutions and the rest')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -46,7 +51,7 @@ def main() -> None:
             t0 = time.perf_counter()
             model = convert_to_bcos(model, max_out=max_out).train()
             variants[f'max_out={max_out}'] = (model, x6, time.perf_counter() - t0)
-        times = {}
+        times, splits = {}, {}
         for key, (model, x, _) in variants.items():
             if args.compile:
                 model = torch.compile(model, fullgraph=True)
@@ -59,10 +64,24 @@ def main() -> None:
                     model(x)
 
             times[key] = (median_time(fwd_bwd, args.reps), median_time(fwd, args.reps))
+            if args.profile:
+                splits[key] = conv_split(fwd_bwd)
         for key, (_, _, convert_s) in variants.items():
             fb, f = times[key]
             print(f'{name:>14} | {key:>10} | {convert_s:9.2f} | {fb * 1e3:8.0f} | '
                   f'{fb / times["timm"][0]:8.2f} | {f / times["timm"][1]:7.2f}')
+        if args.profile:
+            _print_split(name, splits)
+
+
+def _print_split(name: str, splits) -> None:
+    """Self CPU ms of fwd+bwd per part, and each part's ratio to timm's."""
+    print(f'{name} fwd+bwd self CPU ms: ' + ', '.join(splits['timm']) + ' (ratio to timm)')
+    base = splits['timm']
+    for key, split in splits.items():
+        parts = ', '.join(f'{split[k]:.0f} ({split[k] / max(base[k], 1e-9):.2f})' for k in split)
+        total = sum(split.values())
+        print(f'  {key:>10}: {parts}; total {total:.0f} ({total / sum(base.values()):.2f})')
 
 
 if __name__ == '__main__':
