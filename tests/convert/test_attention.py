@@ -219,6 +219,43 @@ def test_untraceable_forward_is_traced_at_the_example_input():
     assert model.explain(_x(2), k=2).check() < 1e-12
 
 
+class _BatchSizedBlock(nn.Module):
+    """Tensors made for the traced batch size: a factory call with it (Gemma4-ViT's patch embedding:
+    `torch.ones(batch_size, ...)`) and a lazily cached plain tensor expanded to it (ConViT's indices)."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.index = torch.zeros(1, 1, 1)  # rebuilt for the token count at the first call (ConViT's)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        if self.index.shape[1] != n:
+            self.index = torch.linspace(0.5, 1.5, n).view(1, n, 1)
+        return self.proj(x) * self.index.expand(b, -1, c) * torch.ones(b, n, c, dtype=x.dtype)
+
+
+class _BatchSizedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 8, stride=8)
+        self.block = _BatchSizedBlock()
+        self.head = nn.Linear(8, 5)
+        self.pretrained_cfg = dict(input_size=(3, 32, 32))
+
+    def forward(self, x):
+        return self.head(self.block(self.embed(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+def test_sizes_passed_to_factories_and_plain_tensors_stay_graph_values():
+    """Traced at the example batch, such a block still runs (and is exact) at other batch sizes."""
+    torch.manual_seed(0)
+    model = convert_to_bcos(_BatchSizedNet()).double()
+    for n in (1, 3):
+        assert model.check_dynamic_linearity(_x(n)) < 1e-12
+    assert model.explain(_x(2), k=2).check() < 1e-12
+
+
 def test_distilled_heads_both_get_the_logit_map():
     """DeiT-distilled averages two classifiers: both carry the logit bias, or Eq. 13 misses half of it."""
     from timm.models.deit import VisionTransformerDistilled

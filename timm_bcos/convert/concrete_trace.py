@@ -70,6 +70,42 @@ class _ConcreteProxy(fx.Proxy):
         return int(self.tracer.value(self))
 
 
+# Functions and methods that take sizes: `torch.ones(n, 4)` or `buffer.expand(n, -1)` of a plain tensor
+# with a traced int `n` fail in torch's argument parser before fx sees the proxy, so while tracing
+# they are recorded by hand (the size stays a graph value: other batch sizes still run).
+_FACTORIES = ('arange', 'empty', 'eye', 'full', 'linspace', 'ones', 'rand', 'randint', 'randn', 'zeros')
+_SIZE_METHODS = ('expand', 'new_empty', 'new_full', 'new_ones', 'new_zeros', 'repeat', 'reshape', 'view')
+
+
+@contextlib.contextmanager
+def _traced_size_arguments(tracer: fx.Tracer) -> Iterator[None]:
+    def has_proxy(args, kwargs) -> bool:
+        return any(isinstance(a, fx.Proxy) for a in torch.utils._pytree.tree_leaves((args, kwargs)))
+
+    def factory(fn):
+        def record(*args, **kwargs):
+            if has_proxy(args, kwargs):
+                return tracer.create_proxy('call_function', fn, args, kwargs)
+            return fn(*args, **kwargs)
+        return record
+
+    def method(name, fn):
+        def record(self, *args, **kwargs):
+            if has_proxy(args, kwargs):
+                return tracer.create_proxy('call_method', name, (self,) + args, kwargs)
+            return fn(self, *args, **kwargs)
+        return record
+    originals = [(torch, name, getattr(torch, name)) for name in _FACTORIES]
+    originals += [(torch.Tensor, name, getattr(torch.Tensor, name)) for name in _SIZE_METHODS]
+    try:
+        for owner, name, fn in originals:
+            setattr(owner, name, factory(fn) if owner is torch else method(name, fn))
+        yield
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+
+
 class ConcreteTracer(fx.Tracer):
     """Trace `root`'s forward (its children are leaves) while running it on `example`."""
 
@@ -78,6 +114,10 @@ class ConcreteTracer(fx.Tracer):
         self._root = root
         self._inputs = inputs  # the forward's arguments by name
         self._values: Dict[fx.Node, Any] = {}
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        with _traced_size_arguments(self):
+            return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return m is not self._root
