@@ -1,13 +1,36 @@
-"""Timing helpers shared by the benchmark scripts (run as ``python benchmarks/<name>.py``)."""
+"""Helpers shared by the benchmark scripts (run as ``python benchmarks/<name>.py``)."""
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Dict
+from typing import Dict, Tuple
+
+import timm
+from torch import Tensor, cat, nn
+
+from timm_bcos import convert_to_bcos
+
+# The variants a timm model is compared in: as timm builds it, and converted with MaxOut 2 and 1.
+VARIANTS = ('timm', 'max_out=2', 'max_out=1')
 
 # The ops that run convolutions on CPU (profiler names); everything else is the layers' own work.
 _CONV_FORWARD = ('aten::mkldnn_convolution', 'aten::_slow_conv2d_forward', 'aten::thnn_conv2d',
                  'aten::_convolution_depthwise2d')
+
+
+def build_variant(name: str, variant: str) -> Tuple[nn.Module, float]:
+    """`variant` (one of `VARIANTS`) of timm's `name` (1000 classes) in train mode, and the seconds
+    its conversion took."""
+    model = timm.create_model(name, num_classes=1000)
+    t0 = time.perf_counter()
+    if variant != 'timm':
+        model = convert_to_bcos(model, max_out=int(variant.split('=')[1]))
+    return model.train(), time.perf_counter() - t0
+
+
+def variant_input(variant: str, x: Tensor) -> Tensor:
+    """An RGB batch as `variant` takes it: converted models take the 6-channel [x, 1-x] encoding."""
+    return x if variant == 'timm' else cat([x, 1 - x], 1)
 
 
 def median_time(fn, reps: int) -> float:

@@ -77,7 +77,8 @@ def main() -> None:
 
     print(f'BcosConv2d(max_out={args.max_out}, b={args.b:g}) vs nn.Conv2d({args.max_out}*Cout, bias=False) '
           f'and bcos.modules.BcosConv2d; {args.threads} threads, median of {args.reps}')
-    header = f'{"N,Cin,Cout,HW,k":>22} | {"ours fb ms":>10} | {"/conv fb":>8} | {"/conv f":>8} | {"/ref fb":>8} | {"/ref f":>8}'
+    header = (f'{"N,Cin,Cout,HW,k":>22} | {"ours fb ms":>10} | {"/conv fb":>8} | {"/conv f":>8} | {"/ref fb":>8} | '
+              f'{"/ref f":>8}')
     print(header)
     print('-' * len(header))
     ratios = {k: [] for k in ('conv_fb', 'conv_f', 'ref_fb', 'ref_f')}

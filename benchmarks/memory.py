@@ -20,19 +20,9 @@ import subprocess
 import sys
 from typing import Dict
 
-import timm
 import torch
 
-from timm_bcos import convert_to_bcos
-
-VARIANTS = ('timm', 'max_out=2', 'max_out=1')
-
-
-def _build(name: str, variant: str) -> torch.nn.Module:
-    model = timm.create_model(name, num_classes=1000)
-    if variant != 'timm':
-        model = convert_to_bcos(model, max_out=int(variant.split('=')[1]))
-    return model.train()
+from _timing import VARIANTS, build_variant, variant_input  # benchmarks/_timing.py
 
 
 def _rss_kib(field: str) -> int:
@@ -43,10 +33,8 @@ def _rss_kib(field: str) -> int:
 def measure(name: str, variant: str, batch: int, size: int) -> Dict[str, float]:
     """One training step of `variant` of `name`: MiB saved for backward and peak RSS growth."""
     torch.manual_seed(0)
-    model = _build(name, variant)
-    x = torch.rand(batch, 3, size, size)
-    if variant != 'timm':
-        x = torch.cat([x, 1 - x], 1)
+    model, _ = build_variant(name, variant)
+    x = variant_input(variant, torch.rand(batch, 3, size, size))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: Dict[int, int] = {}
 

@@ -15,14 +15,10 @@ normalisation): what is the convolutions' own cost and what is not.
 from __future__ import annotations
 
 import argparse
-import time
 
-import timm
 import torch
 
-from timm_bcos import convert_to_bcos
-
-from _timing import conv_split, median_time  # benchmarks/_timing.py
+from _timing import VARIANTS, build_variant, conv_split, median_time, variant_input  # benchmarks/_timing.py
 
 
 def main() -> None:
@@ -42,31 +38,24 @@ def main() -> None:
           f'{", torch.compile(fullgraph=True)" if args.compile else ", eager"}')
     print(f'{"model":>14} | {"variant":>10} | {"convert s":>9} | {"fb ms":>8} | {"fb ratio":>8} | {"f ratio":>7}')
     for name in args.models:
-        x3 = torch.rand(args.batch, 3, args.size, args.size)
-        x6 = torch.cat([x3, 1 - x3], 1)
-        base = timm.create_model(name, num_classes=1000).train()
-        variants = {'timm': (base, x3, 0.0)}
-        for max_out in (2, 1):
-            model = timm.create_model(name, num_classes=1000)
-            t0 = time.perf_counter()
-            model = convert_to_bcos(model, max_out=max_out).train()
-            variants[f'max_out={max_out}'] = (model, x6, time.perf_counter() - t0)
+        x = torch.rand(args.batch, 3, args.size, args.size)
+        variants = {v: (*build_variant(name, v), variant_input(v, x)) for v in VARIANTS}
         times, splits = {}, {}
-        for key, (model, x, _) in variants.items():
+        for key, (model, _, inputs) in variants.items():
             if args.compile:
                 model = torch.compile(model, fullgraph=True)
-            def fwd_bwd(model=model, x=x):
+            def fwd_bwd(model=model, x=inputs):
                 model.zero_grad(set_to_none=True)
                 model(x).sum().backward()
 
-            def fwd(model=model, x=x):
+            def fwd(model=model, x=inputs):
                 with torch.no_grad():
                     model(x)
 
             times[key] = (median_time(fwd_bwd, args.reps), median_time(fwd, args.reps))
             if args.profile:
                 splits[key] = conv_split(fwd_bwd)
-        for key, (_, _, convert_s) in variants.items():
+        for key, (_, convert_s, _) in variants.items():
             fb, f = times[key]
             print(f'{name:>14} | {key:>10} | {convert_s:9.2f} | {fb * 1e3:8.0f} | '
                   f'{fb / times["timm"][0]:8.2f} | {f / times["timm"][1]:7.2f}')
