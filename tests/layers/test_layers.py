@@ -350,10 +350,13 @@ def test_norm_free_net_without_scale_does_not_train():
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize('b', [1.0, 1.5, 2.0, 2.5])
 def test_autocast_single_layer_finite(dtype, b):
-    """Every B-cos layer input with patch norms from 0 to 1e3: finite outputs and gradients."""
+    """Every B-cos layer input with patch norms from 0 to 1e3, and an all-zero unit: finite outputs
+    and gradients."""
     layers = [BcosConv2d(6, 8, 3, padding=1, b=b), BcosConv2d(8, 8, 3, padding=1, groups=8, b=b, scale=None),
               BcosLinear(54, 8, b=b)]
     for layer in layers:
+        with torch.no_grad():
+            layer.weight[0].zero_()
         shape = (4, layer.in_channels, 8, 8) if isinstance(layer, BcosConv2d) else (4, 54)
         patch = 9 * layer.in_channels // layer.groups if isinstance(layer, BcosConv2d) else 54
         for norm in (0.0, 1e-3, 1.0, 1e3):
@@ -364,6 +367,17 @@ def test_autocast_single_layer_finite(dtype, b):
             out.float().sum().backward()
             assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all(), (layer, norm)
             layer.zero_grad()
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_traced_transform_with_a_zero_unit_is_finite_under_autocast(dtype, monkeypatch):
+    """The traced path scales outputs by 1/||w||: a zero unit's 1/||w|| must not overflow fp16."""
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    layer = BcosConv2d(4, 8, 3, padding=1, max_out=2)
+    with torch.no_grad():
+        layer.weight[0].zero_()
+    with torch.autocast('cpu', dtype=dtype):
+        assert torch.isfinite(layer(torch.rand(2, 4, 8, 8))).all()
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])

@@ -286,7 +286,9 @@ def _bcos_traceable(x: Tensor, weight: Tensor, geometry, max_out: int, b: float,
     with MaxOut 1 and 20-30% less with MaxOut 2."""
     inv_norm = torch.linalg.vector_norm(weight.flatten(1), dim=1).clamp_min(1e-12).reciprocal()
     lin = geometry.unit_view(geometry.linear(x.to(dtype), weight.to(dtype)), max_out)
-    lin = lin * inv_norm.view((1,) + lin.shape[1:4] + (1, 1)).to(lin.dtype)
+    # 1/||w|| of an all-zero unit is 1e12: clamped to the compute dtype, or fp16 gives 0 * inf = NaN.
+    inv_norm = inv_norm.clamp_max(torch.finfo(lin.dtype).max).to(lin.dtype)
+    lin = lin * inv_norm.view((1,) + lin.shape[1:4] + (1, 1))
     # MaxOut (Eq. 17) without `max(dim)`, whose backward keeps int64 indices and scatters.
     if max_out == 1:
         sel = lin[:, :, 0]
