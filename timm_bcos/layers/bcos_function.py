@@ -284,9 +284,11 @@ def _bcos_traceable(x: Tensor, weight: Tensor, geometry, max_out: int, b: float,
     no normalised copy of the weight is written and read back, and the weight gradient needs fewer
     weight-sized passes: a compiled resnet18 training step at batch 8, 96 px took 15-19% less time
     with MaxOut 1 and 20-30% less with MaxOut 2."""
-    inv_norm = torch.linalg.vector_norm(weight.flatten(1), dim=1).clamp_min(1e-12).reciprocal()
+    w_norm = torch.linalg.vector_norm(weight.flatten(1), dim=1)
+    # An all-zero unit outputs 0 whatever it is scaled by: 1, not 1e12, which would overflow the
+    # fp16 gradient of its output into inf and then 0 * inf = NaN in the input gradient.
+    inv_norm = torch.where(w_norm > 0, w_norm, 1.0).reciprocal()
     lin = geometry.unit_view(geometry.linear(x.to(dtype), weight.to(dtype)), max_out)
-    # 1/||w|| of an all-zero unit is 1e12: clamped to the compute dtype, or fp16 gives 0 * inf = NaN.
     inv_norm = inv_norm.clamp_max(torch.finfo(lin.dtype).max).to(lin.dtype)
     lin = lin * inv_norm.view((1,) + lin.shape[1:4] + (1, 1))
     # MaxOut (Eq. 17) without `max(dim)`, whose backward keeps int64 indices and scatters.
@@ -301,7 +303,8 @@ def _bcos_traceable(x: Tensor, weight: Tensor, geometry, max_out: int, b: float,
     else:
         x_acc = x.to(_accumulate_dtype(x.dtype))
         norm = geometry.patch_sq_norm(x_acc).add(NORM_EPS).sqrt()
-        dynamic = (sel.abs() / norm) ** (b - 1) / scale  # |c|^(B-1) / scale (Eq. 9)
+        # |c|^(B-1) / scale (Eq. 9); |c| >= tiny keeps the pow's gradient finite at c = 0 (B < 2).
+        dynamic = (sel.abs() / norm).clamp_min(torch.finfo(norm.dtype).tiny) ** (b - 1) / scale
         y = sel * (dynamic.detach() if detach else dynamic).to(sel.dtype)
     return y.reshape(geometry.output_shape(lin.shape))
 
