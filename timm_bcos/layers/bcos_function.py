@@ -303,8 +303,10 @@ def _bcos_traceable(x: Tensor, weight: Tensor, geometry, max_out: int, b: float,
     else:
         x_acc = x.to(_accumulate_dtype(x.dtype))
         norm = geometry.patch_sq_norm(x_acc).add(NORM_EPS).sqrt()
-        # |c|^(B-1) / scale (Eq. 9); |c| >= tiny keeps the pow's gradient finite at c = 0 (B < 2).
-        dynamic = (sel.abs() / norm).clamp_min(torch.finfo(norm.dtype).tiny) ** (b - 1) / scale
+        cos = sel.abs() / norm
+        if b < 2:  # d|c|^(B-1)/d|c| is infinite at c = 0: |c| >= tiny keeps the gradient finite
+            cos = cos.clamp_min(torch.finfo(cos.dtype).tiny)
+        dynamic = cos ** (b - 1) / scale  # |c|^(B-1) / scale (Eq. 9)
         y = sel * (dynamic.detach() if detach else dynamic).to(sel.dtype)
     return y.reshape(geometry.output_shape(lin.shape))
 
