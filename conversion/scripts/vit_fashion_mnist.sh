@@ -14,7 +14,8 @@
 # 0.57 at step 150 for lr 3e-4 (1e-3: 0.51 there), 0.53 for CE instead of BCE, and diverging logits
 # for norm='none'; the first run (batch 256, lr 1e-3, 20k images) reached only 60.1% after 3 epochs.
 # A 6-epoch fp32 run reached 76.3 / 79.3 / 81.1 / 83.6% test accuracy after epochs 1-4 (train accuracy 0.83:
-# under-fitting), hence more epochs: 12 epochs reached 87.75% (results/vit_fashion_mnist_run/).
+# under-fitting), hence more epochs: 12 epochs reached 87.75% (results/vit_fashion_mnist_run/), and
+# vit_fashion_mnist_continue.sh's 3 more epochs 88.04% (results/vit_fashion_mnist_continued/).
 # Usage: bash conversion/scripts/vit_fashion_mnist.sh OUT [--resume]   (about 9 min per epoch on 2 cores)
 set -euo pipefail
 OUT=${1:?output folder}
