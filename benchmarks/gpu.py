@@ -1,11 +1,15 @@
 """Images per second on one CUDA device: training (bf16 autocast) and explain, `bcos_resnet50`
-against timm's `resnet50`, eager and ``torch.compile``; one table, in under 5 minutes on a recent GPU.
+against timm's `resnet50`, eager and ``torch.compile``; one table, printed row by row.
 
 Training: forward + backward + Adam step at batch 64, 224 px, bf16 autocast. Explain: the
 B-cos model's `timm_bcos.explain` (1 target, batch 64, float32), against timm resnet50's no-grad
 forward as the baseline row. Each number is the median of `--reps` timed runs of `--steps` steps
 after `--warmup` steps (which also compile). ``--device cpu --batch 2 --size 64 --steps 1`` is a
 smoke test of the script itself, not a measurement.
+
+Time (an H200, 16 cores, 2026-12-04: `gpu.txt`): the eager rows and timm's compiled rows fit in
+a 290-s limit with the compile of `bcos_resnet50`'s training graph, which had not finished when
+that limit ended the run: give the compiled run 10 minutes, or ``--no-compile`` for the eager table.
 
     python benchmarks/gpu.py [--batch 64] [--size 224] [--steps 20] [--reps 3] [--no-compile]
 """
@@ -71,36 +75,42 @@ def main() -> None:
     x3 = torch.rand(args.batch, 3, args.size, args.size, device=device)
     x6 = timm_bcos.add_inverse(x3)
     y = torch.randint(0, 1000, (args.batch,), device=device)
+    what = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU (smoke test, not a measurement)'
+    print(f'{what}, torch {torch.__version__}, timm {timm.__version__}, batch {args.batch}, {args.size} px, '
+          f'median of {args.reps} x {args.steps} steps', flush=True)
+    print('| model | workload | images/s | vs timm resnet50 (same workload kind and mode) |')
+    print('|---|---|---:|---:|', flush=True)
     rows: Dict[Tuple[str, str], float] = {}
+
+    def measure(name: str, work: str, step: Callable[[], None]) -> None:
+        # one row as soon as it is measured: a failing or killed later measurement keeps the earlier rows
+        mode = work.split(', ')[-1]
+        base_key = ('resnet50', f'train bf16, {mode}' if work.startswith('train') else f'no-grad forward, {mode}')
+        try:
+            rows[(name, work)] = rate = _images_per_s(step, args.batch, device, args)
+        except Exception as e:  # noqa: BLE001 - reported in the table, the other rows still run
+            print(f'| {name} | {work} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200]} | |', flush=True)
+            return
+        ratio = f'{rate / rows[base_key]:.2f}' if base_key in rows else 'n/a'
+        print(f'| {name} | {work} | {rate:.0f} | {ratio} |', flush=True)
+
     modes = ['eager'] + ([] if args.no_compile else ['compiled'])
     for mode in modes:
         for name, x in (('resnet50', x3), ('bcos_resnet50', x6)):
             model = timm.create_model(name, num_classes=1000).to(device).train()
             run = torch.compile(model, fullgraph=True) if mode == 'compiled' else model
-            train = _train_step(run, x, y, device)
-            rows[(name, f'train bf16, {mode}')] = _images_per_s(train, args.batch, device, args)
+            measure(name, f'train bf16, {mode}', _train_step(run, x, y, device))
             run.eval()
             if name == 'resnet50':
                 def forward(run=run, x=x) -> None:
                     with torch.no_grad():
                         run(x)
-                rows[(name, f'no-grad forward, {mode}')] = _images_per_s(forward, args.batch, device, args)
+                measure(name, f'no-grad forward, {mode}', forward)
             else:
-                rows[(name, f'explain (1 target), {mode}')] = _images_per_s(
-                    lambda run=run, x=x: timm_bcos.explain(run, x), args.batch, device, args)
+                measure(name, f'explain (1 target), {mode}', lambda run=run, x=x: timm_bcos.explain(run, x))
             del model, run
             if device.type == 'cuda':
                 torch.cuda.empty_cache()
-    what = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU (smoke test, not a measurement)'
-    print(f'{what}, torch {torch.__version__}, batch {args.batch}, {args.size} px, median of {args.reps} x '
-          f'{args.steps} steps')
-    print('| model | workload | images/s | vs timm resnet50 (same workload kind and mode) |')
-    print('|---|---|---:|---:|')
-    for (name, work), rate in rows.items():
-        mode = work.split(', ')[-1]
-        base = rows[('resnet50', f'train bf16, {mode}')] if work.startswith('train') else \
-            rows[('resnet50', f'no-grad forward, {mode}')]
-        print(f'| {name} | {work} | {rate:.0f} | {rate / base:.2f} |')
 
 
 if __name__ == '__main__':
