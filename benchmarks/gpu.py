@@ -82,32 +82,32 @@ def main() -> None:
     print('|---|---|---:|---:|', flush=True)
     rows: Dict[Tuple[str, str], float] = {}
 
-    def measure(name: str, work: str, step: Callable[[], None]) -> None:
+    def measure(name: str, kind: str, mode: str, step: Callable[[], None], baseline: str) -> None:
         # one row as soon as it is measured: a failing or killed later measurement keeps the earlier rows
-        mode = work.split(', ')[-1]
-        base_key = ('resnet50', f'train bf16, {mode}' if work.startswith('train') else f'no-grad forward, {mode}')
+        work = f'{kind}, {mode}'
         try:
             rows[(name, work)] = rate = _images_per_s(step, args.batch, device, args)
         except Exception as e:  # noqa: BLE001 - reported in the table, the other rows still run
             print(f'| {name} | {work} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200]} | |', flush=True)
             return
-        ratio = f'{rate / rows[base_key]:.2f}' if base_key in rows else 'n/a'
-        print(f'| {name} | {work} | {rate:.0f} | {ratio} |', flush=True)
+        base = rows.get(('resnet50', f'{baseline}, {mode}'))
+        print(f'| {name} | {work} | {rate:.0f} | {f"{rate / base:.2f}" if base else "n/a"} |', flush=True)
 
     modes = ['eager'] + ([] if args.no_compile else ['compiled'])
     for mode in modes:
         for name, x in (('resnet50', x3), ('bcos_resnet50', x6)):
             model = timm.create_model(name, num_classes=1000).to(device).train()
             run = torch.compile(model, fullgraph=True) if mode == 'compiled' else model
-            measure(name, f'train bf16, {mode}', _train_step(run, x, y, device))
+            measure(name, 'train bf16', mode, _train_step(run, x, y, device), baseline='train bf16')
             run.eval()
             if name == 'resnet50':
                 def forward(run=run, x=x) -> None:
                     with torch.no_grad():
                         run(x)
-                measure(name, f'no-grad forward, {mode}', forward)
+                measure(name, 'no-grad forward', mode, forward, baseline='no-grad forward')
             else:
-                measure(name, f'explain (1 target), {mode}', lambda run=run, x=x: timm_bcos.explain(run, x))
+                measure(name, 'explain (1 target)', mode, lambda run=run, x=x: timm_bcos.explain(run, x),
+                        baseline='no-grad forward')
             del model, run
             if device.type == 'cuda':
                 torch.cuda.empty_cache()
