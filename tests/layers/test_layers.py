@@ -57,6 +57,37 @@ def test_conv_equals_reference(b, max_out, groups, stride, padding):
         ref.zero_grad()
 
 
+@pytest.mark.parametrize('b,max_out', [(1.0, 2), (2.0, 1), (2.0, 2), (2.5, 3)])
+def test_unit_norm_on_weight_or_output_equals_reference(b, max_out, monkeypatch):
+    """Both places for 1/||w|| (the weight, or the output per channel; chosen by shapes), each
+    forced: the same outputs and gradients in float64 (1e-12), and those of the reference."""
+    from timm_bcos.layers import bcos_function
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        refs = [ref_modules.BcosConv2d(4, 6, 3, padding=1, groups=2, b=b, max_out=max_out).double(),
+                ref_modules.BcosLinear(5, 3, b=b, max_out=max_out).double()]
+    ours = [BcosConv2d(4, 6, 3, padding=1, groups=2, b=b, max_out=max_out, scale=None).double(),
+            BcosLinear(5, 3, b=b, max_out=max_out, scale=None).double()]
+    for ref, layer, shape, groups in zip(refs, ours, [(2, 4, 5, 5), (3, 5)], [2, 1]):
+        with torch.no_grad():
+            layer.weight.copy_(from_reference_layout(ref.linear.weight, max_out, groups))
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        y_ref = ref(x)
+        grad = torch.randn_like(y_ref)
+        ref_grads = torch.autograd.grad(y_ref, (x, ref.linear.weight), grad)
+        results = []
+        for scales_output in (False, True):
+            monkeypatch.setattr(bcos_function, '_scales_output', lambda *args: scales_output)
+            y = layer(x)
+            results.append((y, *torch.autograd.grad(y, (x, layer.weight), grad)))
+        for a, c in zip(*results):
+            assert _rel(a, c) < 1e-12
+        y, grad_x, grad_w = results[0]
+        assert _rel(y, y_ref) < 1e-5  # the input-norm epsilons differ
+        assert _rel(grad_x, ref_grads[0]) < 1e-4  # and the reference's |cos| + 1e-6 (see above)
+        assert _rel(grad_w, from_reference_layout(ref_grads[1], max_out, groups)) < 1e-4
+
+
 @pytest.mark.parametrize('groups', [1, 4])
 def test_conv_with_scale_equals_reference(groups):
     with warnings.catch_warnings():

@@ -16,8 +16,9 @@ yields exactly the rows of the dynamic linear map W(x) (Eq. 10-14).
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,7 @@ class ConvGeometry:
         self.padding = padding
         self.dilation = dilation
         self.groups = groups
+        self.spec = [*kernel_size, *stride, *padding, *dilation, groups]  # the custom ops' argument
         self._area = kernel_size[0] * kernel_size[1]
         if kernel_size == (1, 1) and stride == (1, 1) and padding == (0, 0):
             self._window = 'identity'
@@ -63,6 +65,14 @@ class ConvGeometry:
 
     def linear(self, x: Tensor, w: Tensor) -> Tensor:
         return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def output_numel(self, x: Tensor, w: Tensor) -> int:
+        """Elements of ``linear(x, w)``, from the shapes alone."""
+        n, _, *size = x.shape
+        area = 1
+        for s, k, st, p, d in zip(size, self.kernel_size, self.stride, self.padding, self.dilation):
+            area *= (s + 2 * p - d * (k - 1) - 1) // st + 1
+        return n * w.shape[0] * area
 
     def linear_backward(
             self, grad: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool,
@@ -126,9 +136,13 @@ class LinearGeometry:
     """The linear map, unit layout and input norms of a B-cos linear layer on (L, in) inputs."""
 
     groups = 1
+    spec = []  # the custom ops' argument
 
     def linear(self, x: Tensor, w: Tensor) -> Tensor:
         return F.linear(x, w)
+
+    def output_numel(self, x: Tensor, w: Tensor) -> int:
+        return x.shape[0] * w.shape[0]
 
     def linear_backward(
             self, grad: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool,
@@ -198,80 +212,189 @@ def _maxout_backward(grad_sel: Tensor, winners: Optional[Tensor], grad_lin: Opti
     return grad_lin.zero_().scatter_(2, winners.unsqueeze(2), grad_sel.unsqueeze(2).to(dtype))
 
 
-def _unit_normalise(weight: Tensor) -> Tuple[Tensor, Tensor]:
-    """Each unit's weights (a row of the flattened weight) scaled to unit norm, and 1 / norm."""
-    flat = weight.flatten(1)
-    inv_norm = torch.linalg.vector_norm(flat, dim=1, keepdim=True).clamp_min(1e-12).reciprocal_()
-    return (flat * inv_norm).view_as(weight), inv_norm
+def _inv_norm(weight: Tensor) -> Tensor:
+    """1 / ||w|| per unit (a row of the flattened weight), (O, 1). An all-zero unit outputs 0
+    whatever it is scaled by: 1, not 1e12, which would overflow a float16 gradient into inf."""
+    norm = torch.linalg.vector_norm(weight.flatten(1), dim=1, keepdim=True)
+    return torch.where(norm > 0, norm, 1.0).reciprocal_()
 
 
-def _unit_normalise_backward(grad_w_hat: Tensor, w_hat: Tensor, inv_norm: Tensor) -> Tensor:
-    """d(w / ||w||)/dw applied to a gradient: (g - ŵ (ŵ·g)) / ||w||, in place on `grad_w_hat`."""
-    g, w_hat = grad_w_hat.flatten(1), w_hat.flatten(1)
-    dot = torch.bmm(g.unsqueeze(1), w_hat.unsqueeze(2)).view(-1, 1)  # row dots without a full-size temp
-    return g.addcmul_(w_hat, dot, value=-1).mul_(inv_norm).view_as(grad_w_hat)
+def _scales_output(geometry, x: Tensor, weight: Tensor) -> bool:
+    """Where to apply the unit norms 1/||w||: to the linear output (per channel) or to the weight.
+
+    Both give ``ŵ·x``; they differ in memory traffic. Scaling the weight costs three read-write
+    passes over it (normalise; recompute and chain rule in the backward), scaling the output two
+    over the output (forward, and its gradient). Deep layers with small outputs and large weights
+    (512 channels at 7 px: 60x more weight than output at batch 8) scale the output."""
+    return 2 * geometry.output_numel(x, weight) < 3 * weight.numel()
+
+
+def _unit_norm_backward(grad_w: Tensor, weight: Tensor, inv_norm: Tensor, grad_is_scaled: bool) -> Tensor:
+    """The weight gradient through ``ŵ = w / ||w||``, in place on the gradient for ŵ:
+    ``(g - ŵ (ŵ·g)) / ||w||``. ``grad_is_scaled``: `grad_w` already is ``g / ||w||`` (scaled output)."""
+    g, w = grad_w.flatten(1), weight.flatten(1)
+    if not grad_is_scaled:
+        g.mul_(inv_norm)
+    dot = torch.linalg.vecdot(g, w).unsqueeze(1)  # 2-4x faster than a batched (1, K) x (K, 1) bmm on CPU
+    return g.addcmul_(w, dot.mul_(inv_norm.square()), value=-1).view_as(grad_w)
+
+
+def _unit_scale_view(inv_norm: Tensor, lin: Tensor) -> Tensor:
+    """(O, 1) unit scales for a (N, G, M, Og, H, W) unit view, in its dtype (float16 clamped)."""
+    if lin.dtype != inv_norm.dtype:
+        inv_norm = inv_norm.clamp_max(torch.finfo(lin.dtype).max).to(lin.dtype)
+    return inv_norm.view((1,) + lin.shape[1:4] + (1, 1))
+
+
+def _bcos_forward(x: Tensor, weight: Tensor, geometry, max_out: int, b: float, scale: float, dtype: torch.dtype):
+    """The forward pass: the output and what the backward needs, ``(out, x, inv_norm, sel, winners, norm)``
+    (``x`` cast to `dtype`; `winners` None for MaxOut 1, `norm` None for B = 1)."""
+    x = x.to(dtype)
+    inv_norm = _inv_norm(weight)
+    if _scales_output(geometry, x, weight):
+        lin = geometry.unit_view(geometry.linear(x, weight.to(dtype)), max_out)
+        lin.mul_(_unit_scale_view(inv_norm, lin))
+    else:
+        w_hat = (weight.flatten(1) * inv_norm).view_as(weight)
+        lin = geometry.unit_view(geometry.linear(x, w_hat.to(dtype)), max_out)
+    sel, winners = _maxout(lin)
+    norm = None if b == 1 else geometry.patch_sq_norm(x).add_(NORM_EPS).sqrt_()
+    # The output is allocated in its final layout and filled through a view: returning a view
+    # would forbid in-place ops on it (timm's residual `x += shortcut`).
+    out = sel.new_empty(geometry.output_shape(lin.shape))
+    y = geometry.grad_view(out)
+    if b == 1:
+        torch.mul(sel, 1.0 / scale, out=y)
+    else:
+        _dynamic_scale(sel, norm, b, scale, out=y).mul_(sel)
+    return out, x, inv_norm, sel, winners, norm
+
+
+def _bcos_backward(
+        grad_y: Tensor, x: Tensor, weight: Tensor, inv_norm: Tensor, sel: Tensor, winners: Optional[Tensor],
+        norm: Optional[Tensor], geometry, max_out: int, b: float, scale: float, detach: bool,
+        need_x: bool, need_w: bool, x_dtype: torch.dtype,
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Gradients of `_bcos_forward`'s output for its input (in `x_dtype`) and weight, from its saved tensors.
+
+    The normalised weight is recomputed here (one product), not kept: a weight-sized tensor per
+    layer less between forward and backward (benchmarks/memory.py)."""
+    scaled_output = _scales_output(geometry, x, weight)
+    w_used = weight if scaled_output else (weight.flatten(1) * inv_norm).view_as(weight)
+    # dy/dsel = B |c|^(B-1) / scale; in explanation mode |c|^(B-1) is a constant: 1 instead of B.
+    factor = 1.0 if detach else b
+    grad_sel = _dynamic_scale(sel, norm, b, scale, factor)
+    grad_sel = geometry.grad_view(grad_y) * grad_sel if b == 1 else grad_sel.mul_(geometry.grad_view(grad_y))
+    lin_shape = sel.shape[:2] + (max_out,) + sel.shape[2:]
+    grad_lin = None if max_out == 1 else sel.new_empty(lin_shape)
+    grad_q = None
+    if b != 1 and not detach and need_x:
+        # dy/d||x|| = -(B-1) y / ||x|| and d||x||/dq = 1 / (2 ||x||) for q = ||x||^2, with
+        # sum_o g * y = sum_o grad_sel * sel / B. The product goes into a half of the MaxOut
+        # gradient buffer when it can: one large allocation less.
+        scratch = grad_lin is not None and grad_sel.dtype == sel.dtype
+        prod = torch.mul(grad_sel, sel, out=grad_lin[:, :, 0]) if scratch else grad_sel * sel
+        grad_q = prod.sum(2, keepdim=True).mul_((1 - b) / (2 * b)) / norm.square()
+    grad_lin = _maxout_backward(grad_sel, winners, grad_lin, sel.dtype)
+    if scaled_output:
+        grad_lin = grad_lin.mul_(_unit_scale_view(inv_norm, grad_lin))
+    grad_lin = geometry.flat(grad_lin)
+    w_compute = w_used.to(x.dtype)
+    if x.dtype == torch.float16 and need_w:
+        # Weight gradients sum over the whole batch and overflow float16 (not bfloat16): float32.
+        grad_x, _ = geometry.linear_backward(grad_lin, x, w_compute, need_x, False)
+        _, grad_w = geometry.linear_backward(grad_lin.float(), x.float(), w_used.float(), False, True)
+    else:
+        grad_x, grad_w = geometry.linear_backward(grad_lin, x, w_compute, need_x, need_w)
+    if grad_q is not None:
+        geometry.patch_sq_norm_backward(grad_q, x, grad_x)
+    if grad_x is not None:
+        grad_x = grad_x.to(x_dtype)
+    if grad_w is not None:
+        grad_w = _unit_norm_backward(grad_w.to(weight.dtype), weight, inv_norm, scaled_output)
+    return grad_x, grad_w
 
 
 class _BcosFunction(torch.autograd.Function):
+    """Eager mode: `_bcos_forward` and `_bcos_backward` as one autograd node."""
 
     @staticmethod
     def forward(ctx, x, weight, geometry, max_out, b, scale, detach, dtype):
         ctx.x_dtype = x.dtype
-        x = x.to(dtype)
-        w_hat, inv_norm = _unit_normalise(weight)
-        w_compute = w_hat.to(dtype)
-        lin = geometry.unit_view(geometry.linear(x, w_compute), max_out)
-        sel, winners = _maxout(lin)
-        norm = None if b == 1 else geometry.patch_sq_norm(x).add_(NORM_EPS).sqrt_()
-        # The output is allocated in its final layout and filled through a view: returning a view
-        # would forbid in-place ops on it (timm's residual `x += shortcut`).
-        out = sel.new_empty(geometry.output_shape(lin.shape))
-        y = geometry.grad_view(out)
-        if b == 1:
-            torch.mul(sel, 1.0 / scale, out=y)
-        else:
-            _dynamic_scale(sel, norm, b, scale, out=y).mul_(sel)
-        ctx.geometry, ctx.b, ctx.scale, ctx.detach, ctx.lin_shape = geometry, b, scale, detach, lin.shape
-        # The normalised weight is recomputed in backward (one product), not kept: a weight-sized
-        # tensor per layer less between forward and backward (benchmarks/memory.py).
+        out, x, inv_norm, sel, winners, norm = _bcos_forward(x, weight, geometry, max_out, b, scale, dtype)
+        ctx.geometry, ctx.max_out, ctx.b, ctx.scale, ctx.detach = geometry, max_out, b, scale, detach
         ctx.save_for_backward(x, weight, inv_norm, sel, winners, norm)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, weight, inv_norm, sel, winners, norm = ctx.saved_tensors
-        w_hat = (weight.flatten(1) * inv_norm).view_as(weight)
-        w_compute = w_hat.to(x.dtype)
-        geometry, b = ctx.geometry, ctx.b
         need_x, need_w = ctx.needs_input_grad[:2]
-        # dy/dsel = B |c|^(B-1) / scale; in explanation mode |c|^(B-1) is a constant: 1 instead of B.
-        factor = 1.0 if ctx.detach else b
-        grad_sel = _dynamic_scale(sel, norm, b, ctx.scale, factor)
-        grad_sel = geometry.grad_view(grad_y) * grad_sel if b == 1 else grad_sel.mul_(geometry.grad_view(grad_y))
-        grad_lin = None if ctx.lin_shape[2] == 1 else sel.new_empty(ctx.lin_shape)
-        grad_q = None
-        if b != 1 and not ctx.detach and need_x:
-            # dy/d||x|| = -(B-1) y / ||x|| and d||x||/dq = 1 / (2 ||x||) for q = ||x||^2, with
-            # sum_o g * y = sum_o grad_sel * sel / B. The product goes into a half of the MaxOut
-            # gradient buffer when it can: one large allocation less.
-            scratch = grad_lin is not None and grad_sel.dtype == sel.dtype
-            prod = torch.mul(grad_sel, sel, out=grad_lin[:, :, 0]) if scratch else grad_sel * sel
-            grad_q = prod.sum(2, keepdim=True).mul_((1 - b) / (2 * b)) / norm.square()
-        grad_lin = geometry.flat(_maxout_backward(grad_sel, winners, grad_lin, sel.dtype))
-        if x.dtype == torch.float16 and need_w:
-            # Weight gradients sum over the whole batch and overflow float16 (not bfloat16): float32.
-            grad_x, _ = geometry.linear_backward(grad_lin, x, w_compute, need_x, False)
-            _, grad_w = geometry.linear_backward(grad_lin.float(), x.float(), w_hat.float(), False, True)
-        else:
-            grad_x, grad_w = geometry.linear_backward(grad_lin, x, w_compute, need_x, need_w)
-        if grad_q is not None:
-            geometry.patch_sq_norm_backward(grad_q, x, grad_x)
-        if grad_x is not None:
-            grad_x = grad_x.to(ctx.x_dtype)
-        if grad_w is not None:
-            grad_w = _unit_normalise_backward(grad_w.to(w_hat.dtype), w_hat, inv_norm)
+        grad_x, grad_w = _bcos_backward(grad_y, *ctx.saved_tensors, ctx.geometry, ctx.max_out, ctx.b, ctx.scale,
+                                        ctx.detach, need_x, need_w, ctx.x_dtype)
         return grad_x, grad_w, None, None, None, None, None, None
+
+
+@functools.lru_cache(maxsize=None)
+def _geometry_from_spec(spec: Tuple[int, ...]):
+    if not spec:
+        return LinearGeometry()
+    return ConvGeometry(spec[0:2], spec[2:4], spec[4:6], spec[6:8], spec[8])
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """Custom ops return tensors, not None: an empty stand-in."""
+    return like.new_empty(0) if t is None else t
+
+
+# The same forward and backward as two custom ops for torch.compile / torch.export: the compiler
+# keeps them whole (opaque nodes) and fuses the rest of the network around them. For MaxOut >= 2
+# this beats what the compiler derives from `_bcos_traceable` (benchmarks/model.py --compile).
+def _bcos_forward_impl(
+        x: Tensor, weight: Tensor, geometry: List[int], max_out: int, b: float, scale: float, detach: bool,
+        dtype: torch.dtype,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(out, inv_norm, sel, winners, norm)``; `detach` is only read by the backward."""
+    out, _, inv_norm, sel, winners, norm = _bcos_forward(
+        x, weight, _geometry_from_spec(tuple(geometry)), max_out, b, scale, dtype)
+    return out, inv_norm, sel, _or_empty(winners, x), _or_empty(norm, x)
+
+
+def _bcos_backward_impl(
+        grad_y: Tensor, x: Tensor, weight: Tensor, inv_norm: Tensor, sel: Tensor, winners: Tensor, norm: Tensor,
+        geometry: List[int], max_out: int, b: float, scale: float, detach: bool, need_x: bool, need_w: bool,
+        dtype: torch.dtype,
+) -> Tuple[Tensor, Tensor]:
+    """``(grad_x, grad_w)`` of `_bcos_forward_op`, empty where not needed."""
+    grad_x, grad_w = _bcos_backward(
+        grad_y, x.to(dtype), weight, inv_norm, sel, winners if max_out > 1 else None, norm if b != 1 else None,
+        _geometry_from_spec(tuple(geometry)), max_out, b, scale, detach, need_x, need_w, x.dtype)
+    return _or_empty(grad_x, x), _or_empty(grad_w, weight)
+
+
+_bcos_forward_op = torch.library.custom_op('timm_bcos::bcos_forward', _bcos_forward_impl, mutates_args=())
+_bcos_backward_op = torch.library.custom_op('timm_bcos::bcos_backward', _bcos_backward_impl, mutates_args=())
+# Shapes, dtypes and strides for tracing: the same code runs on fake tensors.
+_bcos_forward_op.register_fake(_bcos_forward_impl)
+_bcos_backward_op.register_fake(_bcos_backward_impl)
+
+
+def _bcos_op_setup_context(ctx, inputs, output) -> None:
+    x, weight, geometry, max_out, b, scale, detach, dtype = inputs
+    _, inv_norm, sel, winners, norm = output
+    ctx.save_for_backward(x, weight, inv_norm, sel, winners, norm)
+    ctx.args = geometry, max_out, b, scale, detach
+    ctx.dtype = dtype
+
+
+def _bcos_op_backward(ctx, grad_y, *unused):
+    need_x, need_w = ctx.needs_input_grad[:2]
+    grad_x, grad_w = torch.ops.timm_bcos.bcos_backward(
+        grad_y, *ctx.saved_tensors, *ctx.args, need_x, need_w, ctx.dtype)
+    return grad_x if need_x else None, grad_w if need_w else None, None, None, None, None, None, None
+
+
+_bcos_forward_op.register_autograd(_bcos_op_backward, setup_context=_bcos_op_setup_context)
 
 
 def _bcos_traceable(x: Tensor, weight: Tensor, geometry, max_out: int, b: float, scale: float, detach: bool,
@@ -333,8 +456,10 @@ def bcos_apply(
     """
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    if torch.compiler.is_compiling():  # torch.compile / torch.export: plain ops the compiler can fuse
-        return _bcos_traceable(x, weight, geometry, max_out, b, scale, detach, dtype)
+    if torch.compiler.is_compiling():  # torch.compile / torch.export
+        if max_out == 1:  # plain ops the compiler can fuse
+            return _bcos_traceable(x, weight, geometry, max_out, b, scale, detach, dtype)
+        return torch.ops.timm_bcos.bcos_forward(x, weight, geometry.spec, max_out, b, scale, detach, dtype)[0]
     return _BcosFunction.apply(x, weight, geometry, max_out, b, scale, detach, dtype)
 
 
