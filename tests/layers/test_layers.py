@@ -146,12 +146,16 @@ CONV_CASES = [
 ]
 
 
-@pytest.fixture(params=['fused', 'traceable'])
+@pytest.fixture(params=['fused', 'custom_op', 'traceable'])
 def bcos_path(request, monkeypatch):
-    """Both implementations of the transform: the eager autograd Function, and the plain ops that
-    torch.compile / torch.export trace (taken whenever `torch.compiler.is_compiling()`)."""
-    if request.param == 'traceable':
+    """Every implementation of the transform: the eager autograd Function, and under torch.compile /
+    torch.export (whenever `torch.compiler.is_compiling()`) the same code as custom ops or the plain
+    ops the compiler fuses (`_compiles_as_custom_op` picks by device and MaxOut; here forced)."""
+    from timm_bcos.layers import bcos_function
+    if request.param != 'fused':
         monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+        custom = request.param == 'custom_op'
+        monkeypatch.setattr(bcos_function, '_compiles_as_custom_op', lambda x, max_out: custom)
     return request.param
 
 
@@ -405,10 +409,13 @@ def test_autocast_single_layer_finite(dtype, b, bcos_path):
             layer.zero_grad()
 
 
+@pytest.mark.parametrize('scales_output', [False, True])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_traced_transform_with_a_zero_unit_is_finite_under_autocast(dtype, monkeypatch):
-    """The traced path scales outputs by 1/||w||: a zero unit's 1/||w|| must not overflow fp16."""
-    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+def test_zero_unit_is_finite_under_autocast(dtype, scales_output, bcos_path, monkeypatch):
+    """Outputs scaled by 1/||w|| (the traced path always, the fused one for small outputs): a zero
+    unit's 1/||w|| must not overflow fp16."""
+    from timm_bcos.layers import bcos_function
+    monkeypatch.setattr(bcos_function, '_scales_output', lambda *args: scales_output)
     layer = BcosConv2d(4, 8, 3, padding=1, max_out=2)
     with torch.no_grad():
         layer.weight[0].zero_()
