@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 import timm
 from torch import Tensor, cat, nn
@@ -42,6 +42,21 @@ def median_time(fn, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: Dict[str, Callable[[], object]], reps: int) -> Dict[str, float]:
+    """Median seconds per call of each function, after two warm-up calls each (which also compile),
+    run round-robin: a shared machine's slow spells hit every function alike, not one."""
+    for fn in fns.values():
+        fn()
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def conv_split(fn) -> Dict[str, float]:

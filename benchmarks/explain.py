@@ -11,7 +11,7 @@ on their own resnet18 (``bcos.models.pretrained.resnet18``, the v2 design: MaxOu
 ``--profile``: where explain(k=5)'s time goes (torch.profiler): convolutions forward and backward
 against everything else, and the k=5 / k=1 ratio the convolutions alone would give.
 
-    python benchmarks/explain.py [--model bcos_resnet18] [--size 128] [--batch 32] [--reps 3] [--compile] [--profile]
+    python benchmarks/explain.py [--model bcos_resnet18] [--size 128] [--batch 32] [--reps 5] [--compile] [--profile]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import timm
 from timm_bcos import AddInverse, DetachableModule
 from timm_bcos.explain import explain
 
-from _timing import conv_split, median_time  # benchmarks/_timing.py
+from _timing import conv_split, interleaved_medians, median_time  # benchmarks/_timing.py
 
 with warnings.catch_warnings():
     warnings.simplefilter('ignore')
@@ -53,7 +53,7 @@ class TheirMixin(BcosUtilMixin, nn.Module):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--reps', type=int, default=3)
+    parser.add_argument('--reps', type=int, default=5)
     parser.add_argument('--batch', type=int, default=32)
     parser.add_argument('--size', type=int, default=128)
     parser.add_argument('--model', default='bcos_resnet18')
@@ -99,15 +99,17 @@ def main(argv=None) -> None:
     error = ((ref - ours.contributions[0, 0]).abs().max() / ref.abs().max()).item()
     assert error < 1e-4, f'bcos explain() and timm_bcos explain differ by {error:.1e}'
 
-    slow_reps = max(1, args.reps // 2)
-    t = {
-        'no-grad eval forward': median_time(forward, args.reps),
-        'timm_bcos explain, 1 target': median_time(lambda: explain(model, x), args.reps),
-        'timm_bcos explain, k=5': median_time(lambda: explain(model, x, k=5), args.reps),
+    slow_reps = max(1, args.reps // 4)
+    t = interleaved_medians({  # round-robin: a shared machine's slow spells hit all three alike
+        'no-grad eval forward': forward,
+        'timm_bcos explain, 1 target': lambda: explain(model, x),
+        'timm_bcos explain, k=5': lambda: explain(model, x, k=5),
+    }, args.reps)
+    t.update({
         'bcos explain() per image, 1 target': median_time(their_explain(1), slow_reps),
         'bcos explain() per image, 5 targets': median_time(their_explain(5), slow_reps),
         'same, 1 target, parameters frozen': median_time(their_explain(1, frozen=True), slow_reps),
-    }
+    })
     if args.reference_own:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -159,9 +161,9 @@ def _compiled(model: nn.Module, x: torch.Tensor, reps: int) -> None:
         with torch.no_grad():
             compiled(x)
 
-    t = {'compiled no-grad eval forward': median_time(forward, reps),
-         'compiled explain, 1 target': median_time(lambda: explain(compiled, x), reps),
-         'compiled explain, k=5': median_time(lambda: explain(compiled, x, k=5), reps)}
+    t = interleaved_medians({'compiled no-grad eval forward': forward,
+                             'compiled explain, 1 target': lambda: explain(compiled, x),
+                             'compiled explain, k=5': lambda: explain(compiled, x, k=5)}, reps)
     fwd = t['compiled no-grad eval forward']
     print(f'{"torch.compile(fullgraph=True)":38s}{"ms/batch":>10s}{"x forward":>11s}')
     for name, seconds in t.items():

@@ -7,9 +7,9 @@ forward as the baseline row. Each number is the median of `--reps` timed runs of
 after `--warmup` steps (which also compile). ``--device cpu --batch 2 --size 64 --steps 1`` is a
 smoke test of the script itself, not a measurement.
 
-Time (an H200, 16 cores, 2026-12-04: `gpu.txt`): the eager rows and timm's compiled rows fit in
-a 290-s limit with the compile of `bcos_resnet50`'s training graph, which had not finished when
-that limit ended the run: give the compiled run 10 minutes, or ``--no-compile`` for the eager table.
+Time (an H200, 16 cores, 2026-12-04: `gpu.txt`): under 4 minutes with the B-cos layers compiled
+as custom ops, plus the compiles of `bcos_resnet50`'s traced graphs that GPUs now get (training
+156 s, explanation mode 44 s): give the run 10 minutes, or ``--no-compile`` for the eager table.
 
     python benchmarks/gpu.py [--batch 64] [--size 224] [--steps 20] [--reps 3] [--no-compile]
 """

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 import warnings
 
 import torch
 from torch import nn
 
 from timm_bcos import BcosConv2d
+
+from _timing import interleaved_medians  # benchmarks/_timing.py
 
 SHAPES = [  # (N, Cin, Cout, HW, k)
     (32, 64, 64, 32, 3),
@@ -26,20 +27,6 @@ SHAPES = [  # (N, Cin, Cout, HW, k)
     (16, 256, 1024, 14, 1),
     (16, 512, 512, 7, 3),
 ]
-
-
-def _time_interleaved(fns: dict, reps: int) -> dict:
-    """Median seconds per call of each function, run round-robin so drift hits all alike."""
-    for fn in fns.values():
-        fn()
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _runners(layer: nn.Module, x: torch.Tensor):
@@ -92,8 +79,8 @@ def main() -> None:
                 warnings.simplefilter('ignore')
                 layers['ref'] = RefBcosConv2d(cin, cout, k, padding=k // 2, b=args.b, max_out=args.max_out)
         runners = {name: _runners(layer, x) for name, layer in layers.items()}
-        t_fb = _time_interleaved({name: r[1] for name, r in runners.items()}, args.reps)
-        t_f = _time_interleaved({name: r[0] for name, r in runners.items()}, args.reps)
+        t_fb = interleaved_medians({name: r[1] for name, r in runners.items()}, args.reps)
+        t_f = interleaved_medians({name: r[0] for name, r in runners.items()}, args.reps)
         t = {name: (t_fb[name], t_f[name]) for name in layers}
         row = [t['ours'][0] / t['conv'][0], t['ours'][1] / t['conv'][1]]
         ratios['conv_fb'].append(row[0])

@@ -4,12 +4,13 @@ Prints fwd+bwd (and fwd-only) time ratios of `convert_to_bcos(model)` (MaxOut 2 
 the same timm model unconverted, in this process: batch 8, 128 px, 2 threads, flush-denormal on.
 MaxOut 2 doubles every convolution, so ~2x is its floor; MaxOut 1 should cost little more than
 the plain network. ``--compile``: every model (timm's too) through ``torch.compile(fullgraph=True)``
-first; the compile time is not in the timings (one warm-up call per measurement compiles).
+first; the compile time is not in the timings (the warm-up calls compile). The variants run
+round-robin, so that a shared machine's slow spells hit them alike.
 ``--profile``: each variant's fwd+bwd self CPU time (torch.profiler) split into convolution forward,
 convolution backward and the rest (norms, activations, the B-cos element-wise work, weight
 normalisation): what is the convolutions' own cost and what is not.
 
-    python benchmarks/model.py [--models resnet50 densenet121] [--batch 8] [--size 128] [--reps 5]
+    python benchmarks/model.py [--models resnet50 densenet121] [--batch 8] [--size 128] [--reps 7]
                                [--compile] [--profile]
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 
 import torch
 
-from _timing import VARIANTS, build_variant, conv_split, median_time, variant_input  # benchmarks/_timing.py
+from _timing import VARIANTS, build_variant, conv_split, interleaved_medians, variant_input  # benchmarks/_timing.py
 
 
 def main() -> None:
@@ -26,7 +27,7 @@ def main() -> None:
     parser.add_argument('--models', nargs='+', default=['resnet50', 'densenet121'])
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--size', type=int, default=128)
-    parser.add_argument('--reps', type=int, default=5)
+    parser.add_argument('--reps', type=int, default=7)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--compile', action='store_true', help='torch.compile(fullgraph=True) every model')
     parser.add_argument('--profile', action='store_true', help='split fwd+bwd into convolutions and the rest')
@@ -40,10 +41,11 @@ def main() -> None:
     for name in args.models:
         x = torch.rand(args.batch, 3, args.size, args.size)
         variants = {v: (*build_variant(name, v), variant_input(v, x)) for v in VARIANTS}
-        times, splits = {}, {}
+        steps, splits = {}, {}
         for key, (model, _, inputs) in variants.items():
             if args.compile:
                 model = torch.compile(model, fullgraph=True)
+
             def fwd_bwd(model=model, x=inputs):
                 model.zero_grad(set_to_none=True)
                 model(x).sum().backward()
@@ -52,9 +54,12 @@ def main() -> None:
                 with torch.no_grad():
                     model(x)
 
-            times[key] = (median_time(fwd_bwd, args.reps), median_time(fwd, args.reps))
+            steps[key] = fwd_bwd, fwd
             if args.profile:
                 splits[key] = conv_split(fwd_bwd)
+        fb_times = interleaved_medians({k: s[0] for k, s in steps.items()}, args.reps)
+        f_times = interleaved_medians({k: s[1] for k, s in steps.items()}, args.reps)
+        times = {k: (fb_times[k], f_times[k]) for k in steps}
         for key, (_, convert_s, _) in variants.items():
             fb, f = times[key]
             print(f'{name:>14} | {key:>10} | {convert_s:9.2f} | {fb * 1e3:8.0f} | '
