@@ -7,7 +7,7 @@ padded input, so padding modes, dilation, stride and groups are checked against 
 import torch
 import torch.nn.functional as F
 
-from timm_bcos.layers.bcos_function import NORM_EPS
+from timm_bcos.layers.bcos_geometry import NORM_EPS
 
 
 def naive_bcos_conv2d(x: torch.Tensor, layer, detach: bool = False) -> torch.Tensor:

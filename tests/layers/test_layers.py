@@ -179,6 +179,31 @@ def test_conv_matches_definition_and_gradcheck(case, b, max_out, bcos_path):
     assert torch.autograd.gradcheck(layer, (x,))
 
 
+@pytest.mark.parametrize('max_out,b', [(2, 2.0), (3, 1.0), (1, 2.5)])
+def test_custom_ops_pass_opcheck(max_out, b):
+    """The custom ops that torch.compile runs on CPU: schema, fake (meta) implementations, autograd
+    registration and AOT dispatch, as torch.library checks them, for a conv and a linear geometry."""
+    from timm_bcos.layers.bcos_function import _bcos_forward_op
+    from timm_bcos.layers.bcos_geometry import ConvGeometry, LinearGeometry
+    cases = [(ConvGeometry((3, 3), (2, 2), (1, 1), (1, 1), 2), (2, 6, 7, 7), (6 * max_out, 3, 3, 3)),
+             (LinearGeometry(), (5, 6), (4 * max_out, 6))]
+    for geometry, x_shape, w_shape in cases:
+        x = torch.randn(*x_shape, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(*w_shape, dtype=torch.float64, requires_grad=True)
+        for detach in (False, True):
+            torch.library.opcheck(_bcos_forward_op, (x, w, geometry.spec, max_out, b, 3.0, detach, torch.float64))
+
+
+@pytest.mark.parametrize('max_out', [1, 2, 3])
+def test_inference_path_equals_training_path(max_out):
+    """Without gradients the transform skips the autograd node and the MaxOut winners: same outputs."""
+    for layer, x in [(BcosConv2d(6, 8, 3, padding=1, max_out=max_out), torch.randn(2, 6, 9, 9)),
+                     (BcosLinear(6, 5, max_out=max_out), torch.randn(3, 6))]:
+        with torch.no_grad():
+            fast = layer(x)
+        assert torch.equal(fast, layer(x)) and layer(x).grad_fn is not None
+
+
 def test_linear_gradcheck(bcos_path):
     for b, m in [(1.0, 1), (1.75, 2), (2.0, 2), (3.0, 3)]:
         layer = BcosLinear(6, 5, b=b, max_out=m).double()

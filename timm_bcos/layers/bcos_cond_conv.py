@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bcos_conv import BcosConv2d
-from .bcos_function import ConvGeometry, bcos_apply
+from .bcos_function import bcos_apply
+from .bcos_geometry import ConvGeometry
 from .helpers import check_input
 
 __all__ = ['BcosCondConv2d']

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from .bcos_function import ConvGeometry, bcos_apply
+from .bcos_function import bcos_apply
+from .bcos_geometry import ConvGeometry
 from .calibration import CalibratedConstant
 from .explain_mode import DetachableModule
 from .helpers import check_b_max_out, check_input, check_unnormalised, gain_and_bias, resolve_scale

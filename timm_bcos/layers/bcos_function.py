@@ -5,7 +5,12 @@ a MaxOut over ``max_out`` linear units per output (Eq. 17). ``||x||`` is the nor
 (or vector) that the unit sees. Autograd through that formula keeps several full-size
 intermediates and runs a dozen element-wise kernels per layer; this Function keeps only the
 selected linear output and a MaxOut mask, recomputes the cheap terms in the backward and calls
-the convolution / matmul backward once.
+the convolution / matmul backward once. The same code serves eager mode (an autograd Function)
+and torch.compile on CPU (two custom ops); `_bcos_traceable` writes it in plain ops for the
+compiler to fuse (GPUs, MaxOut 1).
+
+The unit norms 1/||w|| scale the weight or, where that is smaller, the linear output per channel
+(`_scales_output`): deep layers have far more weight than output elements.
 
 Patch norms are summed over channels first (one channel per conv group), then over the window,
 so they cost a small fraction of the convolution. They are computed in float32 (float64 for
@@ -16,161 +21,15 @@ yields exactly the rows of the dynamic linear map W(x) (Eq. 10-14).
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['NORM_EPS', 'ConvGeometry', 'LinearGeometry', 'bcos_apply', 'from_reference_layout', 'to_reference_layout']
+from .bcos_geometry import NORM_EPS, accumulate_dtype, geometry_from_spec
 
-# Added to the squared patch norm, always held in float32 or float64: safe under fp16/bf16 autocast.
-NORM_EPS = 1e-6
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-class ConvGeometry:
-    """The linear map, unit layout and patch norms of a B-cos 2-D convolution.
-
-    The input reaching it is already padded for non-zero padding modes (``padding`` is then 0),
-    so the patch norms see exactly the values the convolution sees.
-    """
-
-    def __init__(
-            self,
-            kernel_size: Tuple[int, int],
-            stride: Tuple[int, int],
-            padding: Tuple[int, int],
-            dilation: Tuple[int, int],
-            groups: int,
-    ) -> None:
-        self.kernel_size = kernel_size
-        self.stride = stride
-        self.padding = padding
-        self.dilation = dilation
-        self.groups = groups
-        self.spec = [*kernel_size, *stride, *padding, *dilation, groups]  # the custom ops' argument
-        self._area = kernel_size[0] * kernel_size[1]
-        if kernel_size == (1, 1) and stride == (1, 1) and padding == (0, 0):
-            self._window = 'identity'
-        elif dilation == (1, 1) and all(p <= k // 2 for p, k in zip(padding, kernel_size)):
-            self._window = 'pool'  # avg_pool2d allows padding up to half the kernel
-        else:
-            self._window = 'conv'
-
-    def linear(self, x: Tensor, w: Tensor) -> Tensor:
-        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
-
-    def output_numel(self, x: Tensor, w: Tensor) -> int:
-        """Elements of ``linear(x, w)``, from the shapes alone."""
-        n, _, *size = x.shape
-        area = 1
-        for s, k, st, p, d in zip(size, self.kernel_size, self.stride, self.padding, self.dilation):
-            area *= (s + 2 * p - d * (k - 1) - 1) // st + 1
-        return n * w.shape[0] * area
-
-    def linear_backward(
-            self, grad: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool,
-    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            grad, x, w, None, self.stride, self.padding, self.dilation, False, [0, 0],
-            self.groups, [need_x, need_w, False])
-        return gx, gw
-
-    def unit_view(self, lin: Tensor, max_out: int) -> Tensor:
-        """(N, G*M*Og, H, W) -> (N, G, M, Og, H, W)."""
-        return lin.unflatten(1, (self.groups, max_out, -1))
-
-    def flat(self, lin: Tensor) -> Tensor:
-        """Inverse of `unit_view`."""
-        return lin.flatten(1, 3)
-
-    def grad_view(self, grad: Tensor) -> Tensor:
-        """(N, G*Og, H, W) -> (N, G, Og, H, W)."""
-        return grad.unflatten(1, (self.groups, -1))
-
-    def output_shape(self, lin_shape: torch.Size) -> Tuple[int, ...]:
-        n, g, _, o, h, w = lin_shape
-        return n, g * o, h, w
-
-    def _window_sum(self, q: Tensor) -> Tensor:
-        """Sum of `q` (N, G, H, W) over every conv window: avg-pool (fast) or a ones-kernel conv."""
-        if self._window == 'identity':
-            return q
-        if self._window == 'pool':
-            return F.avg_pool2d(q, self.kernel_size, self.stride, self.padding).mul_(self._area)
-        ones = q.new_ones((self.groups, 1) + tuple(self.kernel_size))
-        return F.conv2d(q, ones, None, self.stride, self.padding, self.dilation, self.groups)
-
-    def _window_sum_backward(self, grad: Tensor, shape: Tuple[int, ...]) -> Tensor:
-        if self._window == 'identity':
-            return grad
-        if self._window == 'pool':
-            like = grad.new_empty(()).expand(shape)  # only its shape is read
-            return torch.ops.aten.avg_pool2d_backward(
-                grad, like, self.kernel_size, self.stride, self.padding, False, True, None).mul_(self._area)
-        ones = grad.new_ones((self.groups, 1) + tuple(self.kernel_size))
-        return torch.nn.grad.conv2d_input(shape, ones, grad, self.stride, self.padding, self.dilation, self.groups)
-
-    def patch_sq_norm(self, x: Tensor) -> Tensor:
-        """Squared norm of each input patch, per group: (N, G, 1, H', W')."""
-        acc = _accumulate_dtype(x.dtype)
-        xg = x.unflatten(1, (self.groups, -1))
-        q = (xg if xg.dtype == acc else xg.to(acc)).square().sum(2)
-        return self._window_sum(q).unsqueeze(2)
-
-    def patch_sq_norm_backward(self, grad_q: Tensor, x: Tensor, grad_x: Tensor) -> None:
-        """Add d(patch_sq_norm)/dx ``^T grad_q`` to ``grad_x`` in place."""
-        n, _, h, w = x.shape
-        t = self._window_sum_backward(grad_q.squeeze(2), (n, self.groups, h, w))
-        grad_x.unflatten(1, (self.groups, -1)).addcmul_(
-            x.unflatten(1, (self.groups, -1)), t.unsqueeze(2).to(x.dtype), value=2)
-
-
-class LinearGeometry:
-    """The linear map, unit layout and input norms of a B-cos linear layer on (L, in) inputs."""
-
-    groups = 1
-    spec = []  # the custom ops' argument
-
-    def linear(self, x: Tensor, w: Tensor) -> Tensor:
-        return F.linear(x, w)
-
-    def output_numel(self, x: Tensor, w: Tensor) -> int:
-        return x.shape[0] * w.shape[0]
-
-    def linear_backward(
-            self, grad: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool,
-    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        return (grad @ w if need_x else None), (grad.t() @ x if need_w else None)
-
-    def unit_view(self, lin: Tensor, max_out: int) -> Tensor:
-        """(L, M*O) -> (L, 1, M, O, 1, 1)."""
-        return lin.view(lin.shape[0], 1, max_out, -1, 1, 1)
-
-    def flat(self, lin: Tensor) -> Tensor:
-        """Inverse of `unit_view`."""
-        return lin.reshape(lin.shape[0], -1)
-
-    def grad_view(self, grad: Tensor) -> Tensor:
-        """(L, O) -> (L, 1, O, 1, 1)."""
-        return grad.reshape(grad.shape[0], 1, -1, 1, 1)
-
-    def output_shape(self, lin_shape: torch.Size) -> Tuple[int, ...]:
-        return lin_shape[0], lin_shape[3]
-
-    def patch_sq_norm(self, x: Tensor) -> Tensor:
-        acc = _accumulate_dtype(x.dtype)
-        return (x if x.dtype == acc else x.to(acc)).square().sum(1).view(-1, 1, 1, 1, 1)
-
-    def patch_sq_norm_backward(self, grad_q: Tensor, x: Tensor, grad_x: Tensor) -> None:
-        grad_x.addcmul_(x, grad_q.view(-1, 1).to(x.dtype), value=2)
-
+__all__ = ['bcos_apply', 'from_reference_layout', 'to_reference_layout']
 
 def _dynamic_scale(sel: Tensor, norm: Optional[Tensor], b: float, scale: float, factor: float = 1.0,
                    out: Optional[Tensor] = None):
@@ -186,11 +45,13 @@ def _dynamic_scale(sel: Tensor, norm: Optional[Tensor], b: float, scale: float, 
     return torch.abs(sel, out=out).mul_((factor / scale) ** (1.0 / (b - 1)) / norm).pow_(b - 1)
 
 
-def _maxout(lin: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+def _maxout(lin: Tensor, need_winners: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     """MaxOut over dim 2 of (N, G, M, Og, H, W) (Eq. 17): the selected values and the winners."""
     m = lin.shape[2]
     if m == 1:
         return lin[:, :, 0], None
+    if not need_winners:
+        return (torch.maximum(lin[:, :, 0], lin[:, :, 1]) if m == 2 else lin.amax(dim=2)), None
     if m == 2:
         first, second = lin[:, :, 0], lin[:, :, 1]
         return torch.maximum(first, second), torch.ge(first, second)
@@ -247,9 +108,10 @@ def _unit_scale_view(inv_norm: Tensor, lin: Tensor) -> Tensor:
     return inv_norm.view((1,) + lin.shape[1:4] + (1, 1))
 
 
-def _bcos_forward(x: Tensor, weight: Tensor, geometry, max_out: int, b: float, scale: float, dtype: torch.dtype):
+def _bcos_forward(x: Tensor, weight: Tensor, geometry, max_out: int, b: float, scale: float, dtype: torch.dtype,
+                  need_winners: bool = True):
     """The forward pass: the output and what the backward needs, ``(out, x, inv_norm, sel, winners, norm)``
-    (``x`` cast to `dtype`; `winners` None for MaxOut 1, `norm` None for B = 1)."""
+    (``x`` cast to `dtype`; `winners` None for MaxOut 1 or without `need_winners`, `norm` None for B = 1)."""
     x = x.to(dtype)
     inv_norm = _inv_norm(weight)
     if _scales_output(geometry, x, weight):
@@ -258,7 +120,7 @@ def _bcos_forward(x: Tensor, weight: Tensor, geometry, max_out: int, b: float, s
     else:
         w_hat = (weight.flatten(1) * inv_norm).view_as(weight)
         lin = geometry.unit_view(geometry.linear(x, w_hat.to(dtype)), max_out)
-    sel, winners = _maxout(lin)
+    sel, winners = _maxout(lin, need_winners)
     norm = None if b == 1 else geometry.patch_sq_norm(x).add_(NORM_EPS).sqrt_()
     # The output is allocated in its final layout and filled through a view: returning a view
     # would forbid in-place ops on it (timm's residual `x += shortcut`).
@@ -278,7 +140,7 @@ def _bcos_backward(
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """Gradients of `_bcos_forward`'s output for its input (in `x_dtype`) and weight, from its saved tensors.
 
-    The normalised weight is recomputed here (one product), not kept: a weight-sized tensor per
+    A normalised weight is recomputed here (one product), not kept: a weight-sized tensor per
     layer less between forward and backward (benchmarks/memory.py)."""
     scaled_output = _scales_output(geometry, x, weight)
     w_used = weight if scaled_output else (weight.flatten(1) * inv_norm).view_as(weight)
@@ -302,7 +164,7 @@ def _bcos_backward(
         if need_w:
             # ŵ·g for each unit from its (small) output, not its (large) weight: the sum over
             # positions of grad_lin * ŵ·x, where ŵ·x = sel wherever the unit's gradient is not 0.
-            acc = _accumulate_dtype(sel.dtype)
+            acc = accumulate_dtype(sel.dtype)
             dot = (grad_lin.to(acc) * sel.unsqueeze(2)).sum((0, 4, 5)).view(-1, 1).to(weight.dtype)
         grad_lin = grad_lin.mul_(_unit_scale_view(inv_norm, grad_lin))
     grad_lin = geometry.flat(grad_lin)
@@ -342,13 +204,6 @@ class _BcosFunction(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None, None, None
 
 
-@functools.lru_cache(maxsize=None)
-def _geometry_from_spec(spec: Tuple[int, ...]):
-    if not spec:
-        return LinearGeometry()
-    return ConvGeometry(spec[0:2], spec[2:4], spec[4:6], spec[6:8], spec[8])
-
-
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
     """Custom ops return tensors, not None: an empty stand-in."""
     return like.new_empty(0) if t is None else t
@@ -363,7 +218,7 @@ def _bcos_forward_impl(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(out, inv_norm, sel, winners, norm)``; `detach` is only read by the backward."""
     out, _, inv_norm, sel, winners, norm = _bcos_forward(
-        x, weight, _geometry_from_spec(tuple(geometry)), max_out, b, scale, dtype)
+        x, weight, geometry_from_spec(tuple(geometry)), max_out, b, scale, dtype)
     return out, inv_norm, sel, _or_empty(winners, x), _or_empty(norm, x)
 
 
@@ -375,7 +230,7 @@ def _bcos_backward_impl(
     """``(grad_x, grad_w)`` of `_bcos_forward_op`, empty where not needed."""
     grad_x, grad_w = _bcos_backward(
         grad_y, x.to(dtype), weight, inv_norm, sel, winners if max_out > 1 else None, norm if b != 1 else None,
-        _geometry_from_spec(tuple(geometry)), max_out, b, scale, detach, need_x, need_w, x.dtype)
+        geometry_from_spec(tuple(geometry)), max_out, b, scale, detach, need_x, need_w, x.dtype)
     return _or_empty(grad_x, x), _or_empty(grad_w, weight)
 
 
@@ -431,7 +286,7 @@ def _bcos_traceable(x: Tensor, weight: Tensor, geometry, max_out: int, b: float,
     if b == 1:
         y = sel / scale
     else:
-        x_acc = x.to(_accumulate_dtype(x.dtype))
+        x_acc = x.to(accumulate_dtype(x.dtype))
         norm = geometry.patch_sq_norm(x_acc).add(NORM_EPS).sqrt()
         cos = sel.abs() / norm
         if b < 2:  # d|c|^(B-1)/d|c| is infinite at c = 0: |c| >= tiny keeps the gradient finite
@@ -477,7 +332,10 @@ def bcos_apply(
         if _compiles_as_custom_op(x, max_out):
             return torch.ops.timm_bcos.bcos_forward(x, weight, geometry.spec, max_out, b, scale, detach, dtype)[0]
         return _bcos_traceable(x, weight, geometry, max_out, b, scale, detach, dtype)
-    return _BcosFunction.apply(x, weight, geometry, max_out, b, scale, detach, dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _BcosFunction.apply(x, weight, geometry, max_out, b, scale, detach, dtype)
+    # Inference: no autograd node, no MaxOut winners to keep.
+    return _bcos_forward(x, weight, geometry, max_out, b, scale, dtype, need_winners=False)[0]
 
 
 def from_reference_layout(weight: Tensor, max_out: int, groups: int = 1) -> Tensor:

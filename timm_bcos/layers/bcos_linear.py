@@ -7,7 +7,8 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from .bcos_function import LinearGeometry, bcos_apply
+from .bcos_function import bcos_apply
+from .bcos_geometry import LinearGeometry
 from .calibration import CalibratedConstant
 from .explain_mode import DetachableModule
 from .helpers import check_b_max_out, check_input, check_unnormalised, gain_and_bias, resolve_scale
