@@ -31,6 +31,7 @@ from .bcos_geometry import NORM_EPS, accumulate_dtype, geometry_from_spec
 
 __all__ = ['bcos_apply', 'from_reference_layout', 'to_reference_layout']
 
+
 def _dynamic_scale(sel: Tensor, norm: Optional[Tensor], b: float, scale: float, factor: float = 1.0,
                    out: Optional[Tensor] = None):
     """``factor * |c|^(B-1) / scale`` for the selected units (Eq. 9, 11), in `out` or a new tensor.
@@ -75,7 +76,8 @@ def _maxout_backward(grad_sel: Tensor, winners: Optional[Tensor], grad_lin: Opti
 
 def _inv_norm(weight: Tensor) -> Tensor:
     """1 / ||w|| per unit (a row of the flattened weight), (O, 1). An all-zero unit outputs 0
-    whatever it is scaled by: 1, not 1e12, which would overflow a float16 gradient into inf."""
+    whatever it is scaled by: 1, not 1e12, which would overflow the fp16 gradient of its output
+    into inf and then 0 * inf = NaN in the input gradient."""
     norm = torch.linalg.vector_norm(weight.flatten(1), dim=1, keepdim=True)
     return torch.where(norm > 0, norm, 1.0).reciprocal_()
 
@@ -140,8 +142,8 @@ def _bcos_backward(
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """Gradients of `_bcos_forward`'s output for its input (in `x_dtype`) and weight, from its saved tensors.
 
-    A normalised weight is recomputed here (one product), not kept: a weight-sized tensor per
-    layer less between forward and backward (benchmarks/memory.py)."""
+    Where the forward scaled the weight, the normalised weight is recomputed here (one product),
+    not kept: a weight-sized tensor per layer less between forward and backward (benchmarks/memory.py)."""
     scaled_output = _scales_output(geometry, x, weight)
     w_used = weight if scaled_output else (weight.flatten(1) * inv_norm).view_as(weight)
     # dy/dsel = B |c|^(B-1) / scale; in explanation mode |c|^(B-1) is a constant: 1 instead of B.
@@ -210,8 +212,8 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 
 # The same forward and backward as two custom ops for torch.compile / torch.export: the compiler
-# keeps them whole (opaque nodes) and fuses the rest of the network around them. For MaxOut >= 2
-# this beats what the compiler derives from `_bcos_traceable` (benchmarks/model.py --compile).
+# keeps them whole (opaque nodes) and fuses the rest of the network around them. Where they are
+# used instead of `_bcos_traceable`: `_compiles_as_custom_op`.
 def _bcos_forward_impl(
         x: Tensor, weight: Tensor, geometry: List[int], max_out: int, b: float, scale: float, detach: bool,
         dtype: torch.dtype,
@@ -269,13 +271,8 @@ def _bcos_traceable(x: Tensor, weight: Tensor, geometry, max_out: int, b: float,
     no normalised copy of the weight is written and read back, and the weight gradient needs fewer
     weight-sized passes: a compiled resnet18 training step at batch 8, 96 px took 15-19% less time
     with MaxOut 1 and 20-30% less with MaxOut 2."""
-    w_norm = torch.linalg.vector_norm(weight.flatten(1), dim=1)
-    # An all-zero unit outputs 0 whatever it is scaled by: 1, not 1e12, which would overflow the
-    # fp16 gradient of its output into inf and then 0 * inf = NaN in the input gradient.
-    inv_norm = torch.where(w_norm > 0, w_norm, 1.0).reciprocal()
     lin = geometry.unit_view(geometry.linear(x.to(dtype), weight.to(dtype)), max_out)
-    inv_norm = inv_norm.clamp_max(torch.finfo(lin.dtype).max).to(lin.dtype)
-    lin = lin * inv_norm.view((1,) + lin.shape[1:4] + (1, 1))
+    lin = lin * _unit_scale_view(_inv_norm(weight), lin)
     # MaxOut (Eq. 17) without `max(dim)`, whose backward keeps int64 indices and scatters.
     if max_out == 1:
         sel = lin[:, :, 0]
