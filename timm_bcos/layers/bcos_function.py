@@ -296,11 +296,12 @@ def _bcos_traceable(x: Tensor, weight: Tensor, geometry, max_out: int, b: float,
 def _compiles_as_custom_op(x: Tensor, max_out: int) -> bool:
     """Under torch.compile: the hand-fused custom ops, or plain ops for the compiler to fuse.
 
-    On CPU the compiler's fusion of `_bcos_traceable` is no faster than the custom ops with
-    MaxOut 2 (resnet50 fwd+bwd: 584 ms both) and takes 150 s instead of 11 s to compile; with
-    MaxOut 1 it is faster. On a GPU it is much faster (bcos_resnet50 bf16 training on an H200:
-    2172 images/s traced, 933 through the custom ops, 1084 eager; benchmarks/gpu.txt)."""
-    return x.device.type == 'cpu' and max_out > 1
+    On CPU, with gradients, the compiler's fusion of `_bcos_traceable` is no faster than the
+    custom ops with MaxOut 2 (resnet50 fwd+bwd: 584 ms both) and takes 150 s instead of 11 s to
+    compile; with MaxOut 1, or without gradients (inference), it is faster. On a GPU it is much
+    faster (bcos_resnet50 bf16 training on an H200: 2172 images/s traced, 933 through the custom
+    ops, 1084 eager; benchmarks/gpu.txt)."""
+    return x.device.type == 'cpu' and max_out > 1 and torch.is_grad_enabled()
 
 
 def bcos_apply(
