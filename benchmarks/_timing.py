@@ -35,21 +35,15 @@ def variant_input(variant: str, x: Tensor) -> Tensor:
 
 def median_time(fn, reps: int) -> float:
     """Median seconds of `reps` calls of `fn`, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return interleaved_medians({'fn': fn}, reps, warmup=1)['fn']
 
 
-def interleaved_medians(fns: Dict[str, Callable[[], object]], reps: int) -> Dict[str, float]:
-    """Median seconds per call of each function, after two warm-up calls each (which also compile),
+def interleaved_medians(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> Dict[str, float]:
+    """Median seconds per call of each function, after `warmup` calls each (which also compile),
     run round-robin: a shared machine's slow spells hit every function alike, not one."""
     for fn in fns.values():
-        fn()
-        fn()
+        for _ in range(warmup):
+            fn()
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
