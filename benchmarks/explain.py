@@ -136,7 +136,7 @@ def main(argv=None) -> None:
     if args.profile:
         _profile(model, x)
     if args.compile:
-        _compiled(model, x, args.reps)
+        _compiled(model, x, args.reps, args.profile)
 
 
 def _profile(model: nn.Module, x: torch.Tensor) -> None:
@@ -152,9 +152,11 @@ def _profile(model: nn.Module, x: torch.Tensor) -> None:
     print(f'{"convolutions alone":31s}{conv[1]:12.0f}{conv[5]:10.0f}{conv[5] / conv[1]:10.2f}')
 
 
-def _compiled(model: nn.Module, x: torch.Tensor, reps: int) -> None:
+def _compiled(model: nn.Module, x: torch.Tensor, reps: int, profile: bool = False) -> None:
     """explain() of ``torch.compile(model, fullgraph=True)`` against its compiled no-grad forward
-    (compile time excluded: the warm-up call of each measurement compiles its graph)."""
+    (compile time excluded: the warm-up call of each measurement compiles its graph). With
+    `profile`: the convolutions' self CPU time in each, and explain's convolutions alone as a
+    multiple of the whole compiled forward: the floor of the ratio on this machine."""
     compiled = torch.compile(model, fullgraph=True)
 
     def forward():
@@ -168,6 +170,13 @@ def _compiled(model: nn.Module, x: torch.Tensor, reps: int) -> None:
     print(f'{"torch.compile(fullgraph=True)":38s}{"ms/batch":>10s}{"x forward":>11s}')
     for name, seconds in t.items():
         print(f'{name:38s}{seconds * 1e3:10.1f}{seconds / fwd:11.2f}')
+    if profile:
+        parts = {'forward': conv_split(forward), 'explain': conv_split(lambda: explain(compiled, x))}
+        print(f'profile, compiled (self CPU ms){"forward":>12s}{"explain":>10s}')
+        for kind in parts['forward']:
+            print(f'{kind:31s}{parts["forward"][kind]:12.0f}{parts["explain"][kind]:10.0f}')
+        convs = parts['explain']['conv forward'] + parts['explain']['conv backward']
+        print(f'explain\'s convolutions alone: {convs / sum(parts["forward"].values()):.2f}x the compiled forward')
 
 
 if __name__ == '__main__':

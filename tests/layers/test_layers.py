@@ -205,6 +205,35 @@ def test_inference_path_equals_training_path(max_out):
         assert torch.equal(fast, trained) and fast.grad_fn is None and trained.grad_fn is not None
 
 
+@pytest.mark.parametrize('max_out', [1, 2, 3])
+def test_traced_form_keeps_the_output_shape(max_out):
+    """The compiler's form of the transform (`_bcos_traceable`) works on the convolution output's own
+    (N, C, H, W) shape for ungrouped layers: no 6-D unit view, whose layout Inductor chose
+    channels-first next to channels-last convolutions, transposing between them in every kernel
+    (compiled resnet50 MaxOut 1 training: 1.19x timm's with the view, 1.04x without)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from timm_bcos.layers.bcos_function import _bcos_traceable
+    layer = BcosConv2d(6, 8, 3, padding=1, max_out=max_out)
+    x = torch.randn(2, 6, 9, 9).contiguous(memory_format=torch.channels_last)
+    w = layer.weight.detach()
+    for detach in (False, True):
+        def transform(x, w):
+            x, w = x.requires_grad_(), w.requires_grad_()
+            y = _bcos_traceable(x, w, layer._geometry, max_out, layer.b, layer.scale, detach, x.dtype)
+            return (y, *torch.autograd.grad(y.square().sum(), (x, w)))
+
+        graph = make_fx(transform)(x, w)
+        values = [n.meta['val'] for n in graph.graph.nodes if isinstance(n.meta.get('val'), torch.Tensor)]
+        # activations; per-patch (N, 1, H, W) tensors are C times smaller
+        large = [v for v in values if v.dim() > 0 and v.shape[0] == len(x) and v.numel() >= x.numel()]
+        assert len(large) > 10 and all(v.dim() == 4 for v in large)
+        y = transform(x.clone(), w.clone())[0]
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            assert _rel(y, layer(x)) < 1e-6
+
+
 def test_linear_gradcheck(bcos_path):
     for b, m in [(1.0, 1), (1.75, 2), (2.0, 2), (3.0, 3)]:
         layer = BcosLinear(6, 5, b=b, max_out=m).double()

@@ -104,10 +104,13 @@ def _unit_norm_backward(grad_w: Tensor, weight: Tensor, inv_norm: Tensor, dot: O
 
 
 def _unit_scale_view(inv_norm: Tensor, lin: Tensor) -> Tensor:
-    """(O, 1) unit scales for a (N, G, M, Og, H, W) unit view, in its dtype (float16 clamped)."""
+    """The (O, 1) unit scales in `lin`'s dtype (float16 clamped), viewed to broadcast over `lin`:
+    its (N, G, M, Og, H, W) unit view, or the linear map's own (N, O, ...) output."""
     if lin.dtype != inv_norm.dtype:
         inv_norm = inv_norm.clamp_max(torch.finfo(lin.dtype).max).to(lin.dtype)
-    return inv_norm.view((1,) + lin.shape[1:4] + (1, 1))
+    if lin.dim() == 6:
+        return inv_norm.view((1,) + lin.shape[1:4] + (1, 1))
+    return inv_norm.view((1, -1) + (1,) * (lin.dim() - 2))
 
 
 def _bcos_forward(x: Tensor, weight: Tensor, geometry, max_out: int, b: float, scale: float, dtype: torch.dtype,
@@ -261,36 +264,51 @@ def _bcos_op_backward(ctx, grad_y, *unused):
 _bcos_forward_op.register_autograd(_bcos_op_backward, setup_context=_bcos_op_setup_context)
 
 
+def _maxout_channels(lin: Tensor, groups: int, max_out: int) -> Tensor:
+    """MaxOut (Eq. 17) on the linear map's (N, G*M*Og, ...) output, keeping its layout: unit m of a
+    group is its m-th channel block. Without `max(dim)`, whose backward keeps int64 indices."""
+    if max_out == 1:
+        return lin
+    if groups > 1:
+        return lin.unflatten(1, (groups, max_out, -1)).amax(2).flatten(1, 2)
+    units = lin.chunk(max_out, 1)
+    sel = units[0]
+    for unit in units[1:]:
+        sel = torch.maximum(sel, unit)
+    return sel
+
+
+def _per_channel(q: Tensor, sel: Tensor) -> Tensor:
+    """Per-group patch values (N, G, 1, ...) broadcast against the (N, G*Og, ...) output `sel`."""
+    n, groups = q.shape[:2]
+    if groups == 1:
+        return q.reshape((n, 1) + sel.shape[2:])
+    return q.expand((n, groups, sel.shape[1] // groups) + q.shape[3:]).reshape(sel.shape)
+
+
 def _bcos_traceable(x: Tensor, weight: Tensor, geometry, max_out: int, b: float, scale: float, detach: bool,
                     dtype: torch.dtype) -> Tensor:
     """The same transform in plain differentiable ops, for torch.compile and torch.export: the
     compiler derives the backward (with the dynamic scale detached in explanation mode) and fuses
     the element-wise work that `_BcosFunction` hand-writes for eager mode.
 
+    Every large tensor keeps the (N, C, H, W) shape of the convolution output, so it keeps the
+    memory layout the compiler chose for the convolution (channels-last on CPU): the 6-D unit view
+    made Inductor write some of them channels-first and transpose between the two in its kernels.
     The unit norm scales the linear output (per channel, fused with MaxOut) instead of the weight:
     no normalised copy of the weight is written and read back, and the weight gradient needs fewer
-    weight-sized passes: a compiled resnet18 training step at batch 8, 96 px took 15-19% less time
-    with MaxOut 1 and 20-30% less with MaxOut 2."""
-    lin = geometry.unit_view(geometry.linear(x.to(dtype), weight.to(dtype)), max_out)
-    lin = lin * _unit_scale_view(_inv_norm(weight), lin)
-    # MaxOut (Eq. 17) without `max(dim)`, whose backward keeps int64 indices and scatters.
-    if max_out == 1:
-        sel = lin[:, :, 0]
-    elif max_out == 2:
-        sel = torch.maximum(lin[:, :, 0], lin[:, :, 1])
-    else:
-        sel = lin.amax(dim=2)
+    weight-sized passes."""
+    lin = geometry.linear(x.to(dtype), weight.to(dtype))
+    sel = _maxout_channels(lin * _unit_scale_view(_inv_norm(weight), lin), geometry.groups, max_out)
     if b == 1:
-        y = sel / scale
-    else:
-        x_acc = x.to(accumulate_dtype(x.dtype))
-        norm = geometry.patch_sq_norm(x_acc).add(NORM_EPS).sqrt()
-        cos = sel.abs() / norm
-        if b < 2:  # d|c|^(B-1)/d|c| is infinite at c = 0: |c| >= tiny keeps the gradient finite
-            cos = cos.clamp_min(torch.finfo(cos.dtype).tiny)
-        dynamic = cos ** (b - 1) / scale  # |c|^(B-1) / scale (Eq. 9)
-        y = sel * (dynamic.detach() if detach else dynamic).to(sel.dtype)
-    return y.reshape(geometry.output_shape(lin.shape))
+        return sel / scale
+    x_acc = x.to(accumulate_dtype(x.dtype))
+    norm = _per_channel(geometry.patch_sq_norm(x_acc).add(NORM_EPS).sqrt(), sel)
+    cos = sel.abs() / norm
+    if b < 2:  # d|c|^(B-1)/d|c| is infinite at c = 0: |c| >= tiny keeps the gradient finite
+        cos = cos.clamp_min(torch.finfo(cos.dtype).tiny)
+    dynamic = cos ** (b - 1) / scale  # |c|^(B-1) / scale (Eq. 9)
+    return sel * (dynamic.detach() if detach else dynamic).to(sel.dtype)
 
 
 def _compiles_as_custom_op(x: Tensor, max_out: int) -> bool:

@@ -110,8 +110,9 @@ class ConvGeometry:
     def patch_sq_norm(self, x: Tensor) -> Tensor:
         """Squared norm of each input patch, per group: (N, G, 1, H', W')."""
         acc = accumulate_dtype(x.dtype)
-        xg = x.unflatten(1, (self.groups, -1))
-        q = (xg if xg.dtype == acc else xg.to(acc)).square().sum(2)
+        x = x if x.dtype == acc else x.to(acc)
+        # Ungrouped: no 5-D view of x, whose layout torch.compile may choose apart from x's own.
+        q = x.square().sum(1, keepdim=True) if self.groups == 1 else x.unflatten(1, (self.groups, -1)).square().sum(2)
         return self._window_sum(q).unsqueeze(2)
 
     def patch_sq_norm_backward(self, grad_q: Tensor, x: Tensor, grad_x: Tensor) -> None:
