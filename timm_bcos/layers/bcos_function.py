@@ -74,11 +74,17 @@ def _maxout_backward(grad_sel: Tensor, winners: Optional[Tensor], grad_lin: Opti
     return grad_lin.zero_().scatter_(2, winners.unsqueeze(2), grad_sel.unsqueeze(2).to(dtype))
 
 
+def _per_unit(t: Tensor, weight: Tensor) -> Tensor:
+    """An (O, 1) per-unit tensor viewed to broadcast over `weight` (O, ...)."""
+    return t.view((-1,) + (1,) * (weight.dim() - 1))
+
+
 def _inv_norm(weight: Tensor) -> Tensor:
-    """1 / ||w|| per unit (a row of the flattened weight), (O, 1). An all-zero unit outputs 0
+    """1 / ||w|| per unit (output row of the weight), (O, 1). An all-zero unit outputs 0
     whatever it is scaled by: 1, not 1e12, which would overflow the fp16 gradient of its output
-    into inf and then 0 * inf = NaN in the input gradient."""
-    norm = torch.linalg.vector_norm(weight.flatten(1), dim=1, keepdim=True)
+    into inf and then 0 * inf = NaN in the input gradient. Reduced over the weight's own dims, not
+    a flattened copy: a channels-last weight does not flatten as a view."""
+    norm = torch.linalg.vector_norm(weight, dim=tuple(range(1, weight.dim()))).unsqueeze(1)
     return torch.where(norm > 0, norm, 1.0).reciprocal_()
 
 
@@ -96,11 +102,14 @@ def _unit_norm_backward(grad_w: Tensor, weight: Tensor, inv_norm: Tensor, dot: O
     """The weight gradient through ``ŵ = w / ||w||``: ``(g - ŵ (ŵ·g)) / ||w||`` for the gradient g
     of ŵ, in place on `grad_w`. `dot` None: `grad_w` is g (weight scaled). Else `grad_w` is already
     ``g / ||w||`` and `dot` is ``ŵ·g`` (output scaled)."""
-    g, w = grad_w.flatten(1), weight.flatten(1)
     if dot is None:
-        g.mul_(inv_norm)
-        dot = torch.linalg.vecdot(g, w).unsqueeze(1)  # 2-4x faster than a batched (1, K) x (K, 1) bmm on CPU
-    return g.addcmul_(w, dot * inv_norm.square(), value=-1).view_as(grad_w)
+        grad_w.mul_(_per_unit(inv_norm, weight))
+        if grad_w.is_contiguous() and weight.is_contiguous():
+            # 2-4x faster than a batched (1, K) x (K, 1) bmm on CPU
+            dot = torch.linalg.vecdot(grad_w.flatten(1), weight.flatten(1)).unsqueeze(1)
+        else:  # channels-last: rows are not views
+            dot = (grad_w * weight).sum(tuple(range(1, weight.dim()))).unsqueeze(1)
+    return grad_w.addcmul_(weight, _per_unit(dot * inv_norm.square(), weight), value=-1)
 
 
 def _unit_scale_view(inv_norm: Tensor, lin: Tensor) -> Tensor:
@@ -123,13 +132,14 @@ def _bcos_forward(x: Tensor, weight: Tensor, geometry, max_out: int, b: float, s
         lin = geometry.unit_view(geometry.linear(x, weight.to(dtype)), max_out)
         lin.mul_(_unit_scale_view(inv_norm, lin))
     else:
-        w_hat = (weight.flatten(1) * inv_norm).view_as(weight)
+        w_hat = weight * _per_unit(inv_norm, weight)
         lin = geometry.unit_view(geometry.linear(x, w_hat.to(dtype)), max_out)
     sel, winners = _maxout(lin, need_winners)
     norm = None if b == 1 else geometry.patch_sq_norm(x).add_(NORM_EPS).sqrt_()
     # The output is allocated in its final layout and filled through a view: returning a view
     # would forbid in-place ops on it (timm's residual `x += shortcut`).
-    out = sel.new_empty(geometry.output_shape(lin.shape))
+    out = torch.empty(geometry.output_shape(lin.shape), dtype=sel.dtype, device=sel.device,
+                      memory_format=geometry.memory_format(x, weight))
     y = geometry.grad_view(out)
     if b == 1:
         torch.mul(sel, 1.0 / scale, out=y)
@@ -148,13 +158,16 @@ def _bcos_backward(
     Where the forward scaled the weight, the normalised weight is recomputed here (one product),
     not kept: a weight-sized tensor per layer less between forward and backward (benchmarks/memory.py)."""
     scaled_output = _scales_output(geometry, x, weight)
-    w_used = weight if scaled_output else (weight.flatten(1) * inv_norm).view_as(weight)
+    w_used = weight if scaled_output else weight * _per_unit(inv_norm, weight)
     # dy/dsel = B |c|^(B-1) / scale; in explanation mode |c|^(B-1) is a constant: 1 instead of B.
     factor = 1.0 if detach else b
     grad_sel = _dynamic_scale(sel, norm, b, scale, factor)
     grad_sel = geometry.grad_view(grad_y) * grad_sel if b == 1 else grad_sel.mul_(geometry.grad_view(grad_y))
-    lin_shape = sel.shape[:2] + (max_out,) + sel.shape[2:]
-    grad_lin = None if max_out == 1 else sel.new_empty(lin_shape)
+    grad_lin = None
+    if max_out > 1:  # (N, G, M, Og, H, W), in the layout of the convolution output
+        flat_shape = (sel.shape[0], sel.shape[1] * max_out * sel.shape[2]) + sel.shape[3:]
+        grad_lin = geometry.unit_view(torch.empty(flat_shape, dtype=sel.dtype, device=sel.device,
+                                                  memory_format=geometry.memory_format(x, weight)), max_out)
     grad_q = None
     if b != 1 and not detach and need_x:
         # dy/d||x|| = -(B-1) y / ||x|| and d||x||/dq = 1 / (2 ||x||) for q = ||x||^2, with

@@ -24,6 +24,10 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _is_channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 class ConvGeometry:
     """The linear map, unit layout and patch norms of a B-cos 2-D convolution.
 
@@ -55,6 +59,12 @@ class ConvGeometry:
 
     def linear(self, x: Tensor, w: Tensor) -> Tensor:
         return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def memory_format(self, x: Tensor, w: Tensor) -> torch.memory_format:
+        """The layout of ``linear(x, w)``: channels-last when `x` or `w` is (as PyTorch's CPU and
+        cuDNN convolutions choose), so that a channels-last model's B-cos layers write their
+        outputs and gradients channels-last too."""
+        return torch.channels_last if _is_channels_last(x) or _is_channels_last(w) else torch.contiguous_format
 
     def output_numel(self, x: Tensor, w: Tensor) -> int:
         """Elements of ``linear(x, w)``, from the shapes alone."""
@@ -131,6 +141,9 @@ class LinearGeometry:
 
     def linear(self, x: Tensor, w: Tensor) -> Tensor:
         return F.linear(x, w)
+
+    def memory_format(self, x: Tensor, w: Tensor) -> torch.memory_format:
+        return torch.contiguous_format
 
     def output_numel(self, x: Tensor, w: Tensor) -> int:
         return x.shape[0] * w.shape[0]
