@@ -61,3 +61,16 @@ def test_export_with_gradients_enabled(models):
     program = torch.export.export(eager, (x,))  # gradients enabled: no `out=` ops in the graph
     assert not [n for n in program.graph.nodes if str(n.target).endswith('.out')]
     torch.testing.assert_close(program.module()(x), eager(x), rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_training_step_compiles(models):
+    """A channels-last model (timm's ``--channels-last``) through the compiled training graph: the B-cos
+    layers return channels-last tensors on CPU (custom ops), so their fake and real strides must agree."""
+    eager = copy.deepcopy(models[0]).train().to(memory_format=torch.channels_last)
+    inner = copy.deepcopy(eager)
+    compiled = torch.compile(inner, fullgraph=True)
+    x = timm_bcos.add_inverse(torch.rand(4, 3, 32, 32)).contiguous(memory_format=torch.channels_last)
+    compiled(x).square().mean().backward()
+    eager(x).square().mean().backward()
+    for p, q in zip(inner.parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * q.grad.abs().max().item())

@@ -252,8 +252,17 @@ def _bcos_backward_impl(
     return _or_empty(grad_x, x), _or_empty(grad_w, weight)
 
 
-_bcos_forward_op = torch.library.custom_op('timm_bcos::bcos_forward', _bcos_forward_impl, mutates_args=())
-_bcos_backward_op = torch.library.custom_op('timm_bcos::bcos_backward', _bcos_backward_impl, mutates_args=())
+# The names carry the version of the ops' contract (their outputs' shapes, dtypes and strides):
+# torch's on-disk compile caches key a compiled graph on the names of the ops in it, not on the
+# code behind them, so a graph cached with an older contract would assert at run time. Version 2:
+# outputs in the convolution's layout (channels-last models).
+_OP_VERSION = 2
+_bcos_forward_op = torch.library.custom_op(
+    f'timm_bcos::bcos_forward_v{_OP_VERSION}', _bcos_forward_impl, mutates_args=())
+_bcos_backward_op = torch.library.custom_op(
+    f'timm_bcos::bcos_backward_v{_OP_VERSION}', _bcos_backward_impl, mutates_args=())
+_FORWARD_OP = getattr(torch.ops.timm_bcos, f'bcos_forward_v{_OP_VERSION}')
+_BACKWARD_OP = getattr(torch.ops.timm_bcos, f'bcos_backward_v{_OP_VERSION}')
 # Shapes, dtypes and strides for tracing: the same code runs on fake tensors.
 _bcos_forward_op.register_fake(_bcos_forward_impl)
 _bcos_backward_op.register_fake(_bcos_backward_impl)
@@ -269,7 +278,7 @@ def _bcos_op_setup_context(ctx, inputs, output) -> None:
 
 def _bcos_op_backward(ctx, grad_y, *unused):
     need_x, need_w = ctx.needs_input_grad[:2]
-    grad_x, grad_w = torch.ops.timm_bcos.bcos_backward(
+    grad_x, grad_w = _BACKWARD_OP(
         grad_y, *ctx.saved_tensors, *ctx.args, need_x, need_w, ctx.dtype)
     return grad_x if need_x else None, grad_w if need_w else None, None, None, None, None, None, None
 
@@ -359,7 +368,7 @@ def bcos_apply(
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     if torch.compiler.is_compiling():  # torch.compile / torch.export
         if _compiles_as_custom_op(x, max_out):
-            return torch.ops.timm_bcos.bcos_forward(x, weight, geometry.spec, max_out, b, scale, detach, dtype)[0]
+            return _FORWARD_OP(x, weight, geometry.spec, max_out, b, scale, detach, dtype)[0]
         return _bcos_traceable(x, weight, geometry, max_out, b, scale, detach, dtype)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _BcosFunction.apply(x, weight, geometry, max_out, b, scale, detach, dtype)
