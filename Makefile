@@ -20,10 +20,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
 
 # Runs each benchmark and records its output next to it (benchmarks/<name>.txt): NAME or NAME:ARGS.
-BENCHES = layer model model-compile:--compile,--models,resnet50,--profile memory explain:--profile,--compile bcosify serve
+BENCHES = layer model model-compile:--compile,--models,resnet50,--profile model-channels-last:--channels-last,--models,resnet50 memory explain:--profile,--compile bcosify serve
 bench: $(STAMP)
 	for entry in $(BENCHES); do \
-	  name=$${entry%%:*}; script=$${name%-compile}; args=$$(echo "$${entry#$$name}" | tr ':,' '  '); \
+	  name=$${entry%%:*}; script=$${name%%-*}; args=$$(echo "$${entry#$$name}" | tr ':,' '  '); \
 	  { echo "# python benchmarks/$$script.py$$args at $$(git rev-parse --short HEAD), $$(date -u +%F), $$(nproc) cores: $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"; \
 	    $(PY) benchmarks/$$script.py $$args; } > benchmarks/$$name.txt.tmp && mv benchmarks/$$name.txt.tmp benchmarks/$$name.txt && cat benchmarks/$$name.txt; \
 	done

@@ -8,10 +8,11 @@ first; the compile time is not in the timings (the warm-up calls compile). The v
 round-robin, so that a shared machine's slow spells hit them alike.
 ``--profile``: each variant's fwd+bwd self CPU time (torch.profiler) split into convolution forward,
 convolution backward and the rest (norms, activations, the B-cos element-wise work, weight
-normalisation): what is the convolutions' own cost and what is not.
+normalisation): what is the convolutions' own cost and what is not. ``--channels-last``: every model
+and input in channels-last memory format (timm's ``--channels-last``).
 
     python benchmarks/model.py [--models resnet50 densenet121] [--batch 8] [--size 128] [--reps 7]
-                               [--compile] [--profile]
+                               [--compile] [--profile] [--channels-last]
 """
 from __future__ import annotations
 
@@ -31,18 +32,23 @@ def main() -> None:
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--compile', action='store_true', help='torch.compile(fullgraph=True) every model')
     parser.add_argument('--profile', action='store_true', help='split fwd+bwd into convolutions and the rest')
+    parser.add_argument('--channels-last', action='store_true', help='models and inputs in channels-last format')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
     print(f'batch {args.batch}, {args.size} px, {args.threads} threads, median of {args.reps}'
-          f'{", torch.compile(fullgraph=True)" if args.compile else ", eager"}')
+          f'{", torch.compile(fullgraph=True)" if args.compile else ", eager"}'
+          f'{", channels-last" if args.channels_last else ""}')
     print(f'{"model":>14} | {"variant":>10} | {"convert s":>9} | {"fb ms":>8} | {"fb ratio":>8} | {"f ratio":>7}')
     for name in args.models:
         x = torch.rand(args.batch, 3, args.size, args.size)
         variants = {v: (*build_variant(name, v), variant_input(v, x)) for v in VARIANTS}
         steps, splits = {}, {}
         for key, (model, _, inputs) in variants.items():
+            if args.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
             if args.compile:
                 model = torch.compile(model, fullgraph=True)
 

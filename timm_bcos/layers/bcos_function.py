@@ -336,11 +336,12 @@ def _bcos_traceable(x: Tensor, weight: Tensor, geometry, max_out: int, b: float,
 def _compiles_as_custom_op(x: Tensor, max_out: int) -> bool:
     """Under torch.compile: the hand-fused custom ops, or plain ops for the compiler to fuse.
 
-    On CPU, with gradients, the compiler's fusion of `_bcos_traceable` is no faster than the
-    custom ops with MaxOut 2 (resnet50 fwd+bwd: 584 ms both) and takes 150 s instead of 11 s to
-    compile; with MaxOut 1, or without gradients (inference), it is faster. On a GPU it is much
-    faster (bcos_resnet50 bf16 training on an H200: 2172 images/s traced, 933 through the custom
-    ops, 1084 eager; benchmarks/gpu.txt)."""
+    On CPU, with gradients and MaxOut 2, the compiler's fusion of `_bcos_traceable` is about as
+    fast as the custom ops (resnet50 fwd+bwd, interleaved: 529 vs 523 ms; bcos_resnet18 explain:
+    694 vs 713 ms) and takes 80-125 s instead of 3-18 s to compile resnet50; with MaxOut 1, or
+    without gradients (inference), it is faster. On a GPU it is much faster (bcos_resnet50 bf16
+    training on an H200: 2172 images/s traced, 933 through the custom ops, 1084 eager;
+    benchmarks/gpu.txt)."""
     return x.device.type == 'cpu' and max_out > 1 and torch.is_grad_enabled()
 
 
