@@ -33,9 +33,9 @@ def variant_input(variant: str, x: Tensor) -> Tensor:
     return x if variant == 'timm' else cat([x, 1 - x], 1)
 
 
-def median_time(fn, reps: int) -> float:
-    """Median seconds of `reps` calls of `fn`, after one warm-up call."""
-    return interleaved_medians({'fn': fn}, reps, warmup=1)['fn']
+def median_time(fn, reps: int, warmup: int = 1) -> float:
+    """Median seconds of `reps` calls of `fn`, after `warmup` calls."""
+    return interleaved_medians({'fn': fn}, reps, warmup=warmup)['fn']
 
 
 def interleaved_medians(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> Dict[str, float]:

@@ -10,7 +10,6 @@ pass over 16 noise images at the model's input size), and their ratios. 2 thread
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 
 import timm
@@ -18,14 +17,7 @@ import torch
 
 from timm_bcos import bcosify
 
-
-def _seconds(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+from _timing import median_time  # benchmarks/_timing.py
 
 
 def main() -> None:
@@ -39,10 +31,14 @@ def main() -> None:
     warnings.simplefilter('ignore')
     print(f'{args.threads} threads, median of {args.reps}')
     print(f'{"model":>12} | {"build s":>7} | {"bcosify s":>9} | {"+ recalibration s":>17} | {"ratios to build":>15}')
+
+    def median(fn):  # no warm-up call: every call builds and rewrites anew
+        return median_time(fn, args.reps, warmup=0)
+
     for name in args.models:
-        build = _seconds(lambda: timm.create_model(name), args.reps)
-        rewrite = _seconds(lambda: bcosify(timm.create_model(name).eval(), calibrate=False), args.reps) - build
-        full = _seconds(lambda: bcosify(timm.create_model(name).eval()), args.reps) - build
+        build = median(lambda: timm.create_model(name))
+        rewrite = median(lambda: bcosify(timm.create_model(name).eval(), calibrate=False)) - build
+        full = median(lambda: bcosify(timm.create_model(name).eval())) - build
         print(f'{name:>12} | {build:7.2f} | {rewrite:9.2f} | {full:17.2f} | {rewrite / build:6.2f} {full / build:7.2f}')
 
 

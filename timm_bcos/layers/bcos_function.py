@@ -7,7 +7,7 @@ intermediates and runs a dozen element-wise kernels per layer; this Function kee
 selected linear output and a MaxOut mask, recomputes the cheap terms in the backward and calls
 the convolution / matmul backward once. The same code serves eager mode (an autograd Function)
 and torch.compile on CPU (two custom ops); `_bcos_traceable` writes it in plain ops for the
-compiler to fuse (GPUs, MaxOut 1).
+compiler to fuse (GPUs, MaxOut 1, and inference without gradients on CPU).
 
 The unit norms 1/||w|| scale the weight or, where that is smaller, the linear output per channel
 (`_scales_output`): deep layers have far more weight than output elements.
