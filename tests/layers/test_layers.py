@@ -253,6 +253,31 @@ def test_channels_last_in_channels_last_out(max_out, groups, bcos_path):
     assert _rel(y_cl, y) < 1e-12 and _rel(gx_cl, gx) < 1e-12 and _rel(gw_cl, gw) < 1e-12
 
 
+@pytest.mark.parametrize('cin,kwargs', [
+    (3, dict(kernel_size=7, stride=2, padding=3)), (6, dict(kernel_size=3, padding=1)),
+    (6, dict(kernel_size=4, stride=4)), (8, dict(kernel_size=1)), (9, dict(kernel_size=3, padding=1))])
+def test_few_input_channels_take_the_input_gradient_from_gemm(cin, kwargs, monkeypatch):
+    """On CPU the input gradient of a layer with at most 8 input channels (the 6-channel first layer,
+    whose input gradient `explain` returns) comes from ATen's GEMM + col2im backward, not oneDNN's;
+    both give the same gradients, alone and together with the weight gradient. In float32: oneDNN
+    has no float64 kernels (PyTorch's float64 convolutions take the GEMM path anyway)."""
+    from timm_bcos.layers import bcos_geometry
+    layer = BcosConv2d(cin, 8, max_out=2, **kwargs)
+    x = torch.randn(2, cin, 17, 15, requires_grad=True)
+
+    def grads(threshold, inputs):
+        monkeypatch.setattr(bcos_geometry, 'SMALL_INPUT_CHANNELS', threshold)
+        y = layer(x)
+        with torch.profiler.profile() as prof:
+            g = torch.autograd.grad(y, inputs, torch.ones_like(y))
+        return g, any(e.name == 'aten::_slow_conv2d_backward' for e in prof.events())
+
+    for inputs in [(x,), (x, layer.weight)]:
+        (ours, used), (onednn, unused) = grads(8, inputs), grads(0, inputs)
+        assert used == (cin <= 8) and not unused
+        assert all(_rel(a, b) < 1e-5 for a, b in zip(ours, onednn))
+
+
 def test_linear_gradcheck(bcos_path):
     for b, m in [(1.0, 1), (1.75, 2), (2.0, 2), (3.0, 3)]:
         layer = BcosLinear(6, 5, b=b, max_out=m).double()

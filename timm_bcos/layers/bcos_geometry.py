@@ -18,6 +18,10 @@ __all__ = ['NORM_EPS', 'ConvGeometry', 'LinearGeometry', 'accumulate_dtype', 'ge
 # Added to the squared patch norm, always held in float32 or float64: safe under fp16/bf16 autocast.
 NORM_EPS = 1e-6
 
+# Convolutions with at most this many input channels take their input gradient from GEMM + col2im
+# on CPU (`ConvGeometry._input_gradient_by_gemm`).
+SMALL_INPUT_CHANNELS = 8
+
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """Where norms and sums are taken: float32, or float64 for float64 inputs."""
@@ -77,10 +81,24 @@ class ConvGeometry:
     def linear_backward(
             self, grad: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool,
     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        if need_x and self._input_gradient_by_gemm(grad, x):
+            gx = torch.ops.aten._slow_conv2d_backward(
+                grad, x, w, self.kernel_size, self.stride, self.padding, [True, False, False])[0]
+            return gx, self.linear_backward(grad, x, w, False, True)[1] if need_w else None
         gx, gw, _ = torch.ops.aten.convolution_backward(
             grad, x, w, None, self.stride, self.padding, self.dilation, False, [0, 0],
             self.groups, [need_x, need_w, False])
         return gx, gw
+
+    def _input_gradient_by_gemm(self, grad: Tensor, x: Tensor) -> bool:
+        """Whether the input gradient goes through ATen's GEMM + col2im convolution backward instead
+        of oneDNN's: on CPU, for inputs of at most `SMALL_INPUT_CHANNELS` channels, the first layer
+        of every B-cos network (6 channels, Eq. 18), whose input gradient is what `explain` returns.
+        oneDNN handles so few channels poorly: for bcos_resnet18's stem (6 -> 2x64 channels, 7x7,
+        stride 2) at 128 px its input gradient took 157 ms, 1.7x the forward, and GEMM + col2im
+        73 ms (benchmarks/conv_input_grad.py). Ungrouped, undilated, channels-first only."""
+        return (x.device.type == 'cpu' and x.shape[1] <= SMALL_INPUT_CHANNELS and self.groups == 1
+                and tuple(self.dilation) == (1, 1) and x.is_contiguous() and grad.is_contiguous())
 
     def unit_view(self, lin: Tensor, max_out: int) -> Tensor:
         """(N, G*M*Og, H, W) -> (N, G, M, Og, H, W)."""
