@@ -60,7 +60,8 @@ def test_conv_equals_reference(b, max_out, groups, stride, padding):
 @pytest.mark.parametrize('b,max_out', [(1.0, 2), (2.0, 1), (2.0, 2), (2.5, 3)])
 def test_unit_norm_on_weight_or_output_equals_reference(b, max_out, monkeypatch):
     """Both places for 1/||w|| (the weight, or the output per channel; chosen by shapes), each
-    forced: the same outputs and gradients in float64 (1e-12), and those of the reference."""
+    forced: the same outputs and gradients in float64 (1e-12), in explanation mode as well, and
+    those of the reference."""
     from timm_bcos.layers import bcos_function
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -75,13 +76,15 @@ def test_unit_norm_on_weight_or_output_equals_reference(b, max_out, monkeypatch)
         y_ref = ref(x)
         grad = torch.randn_like(y_ref)
         ref_grads = torch.autograd.grad(y_ref, (x, ref.linear.weight), grad)
-        results = []
-        for scales_output in (False, True):
-            monkeypatch.setattr(bcos_function, '_scales_output', lambda *args: scales_output)
-            y = layer(x)
-            results.append((y, *torch.autograd.grad(y, (x, layer.weight), grad)))
-        for a, c in zip(*results):
-            assert _rel(a, c) < 1e-12
+        for detach in (True, False):  # explanation mode too: it keeps the dynamic scale, not the output
+            layer.detach_dynamic = detach
+            results = []
+            for scales_output in (False, True):
+                monkeypatch.setattr(bcos_function, '_scales_output', lambda *args: scales_output)
+                y = layer(x)
+                results.append((y, *torch.autograd.grad(y, (x, layer.weight), grad)))
+            for a, c in zip(*results):
+                assert _rel(a, c) < 1e-12
         y, grad_x, grad_w = results[0]
         assert _rel(y, y_ref) < 1e-5  # the input-norm epsilons differ
         assert _rel(grad_x, ref_grads[0]) < 1e-4  # and the reference's |cos| + 1e-6 (see above)

@@ -122,10 +122,18 @@ def _unit_scale_view(inv_norm: Tensor, lin: Tensor) -> Tensor:
     return inv_norm.view((1, -1) + (1,) * (lin.dim() - 2))
 
 
+def _keeps_scale(b: float, detach: bool) -> bool:
+    """Explanation mode keeps the dynamic scale for the backward instead of the selected units: with
+    the scale a constant (§3.2.1) it is all the backward needs of them, one product instead of three
+    passes (benchmarks/explain.py)."""
+    return detach and b != 1
+
+
 def _bcos_forward(x: Tensor, weight: Tensor, geometry, max_out: int, b: float, scale: float, dtype: torch.dtype,
-                  need_winners: bool = True):
-    """The forward pass: the output and what the backward needs, ``(out, x, inv_norm, sel, winners, norm)``
-    (``x`` cast to `dtype`; `winners` None for MaxOut 1 or without `need_winners`, `norm` None for B = 1)."""
+                  need_winners: bool = True, detach: bool = False):
+    """The forward pass: the output and what the backward needs, ``(out, x, inv_norm, kept, winners, norm)``
+    (``x`` cast to `dtype`; `kept` the selected units, or their dynamic scale where `_keeps_scale`;
+    `winners` None for MaxOut 1 or without `need_winners`, `norm` None for B = 1)."""
     x = x.to(dtype)
     inv_norm = _inv_norm(weight)
     if _scales_output(geometry, x, weight):
@@ -141,15 +149,19 @@ def _bcos_forward(x: Tensor, weight: Tensor, geometry, max_out: int, b: float, s
     out = torch.empty(geometry.output_shape(lin.shape), dtype=sel.dtype, device=sel.device,
                       memory_format=geometry.memory_format(x, weight))
     y = geometry.grad_view(out)
+    kept = sel
     if b == 1:
         torch.mul(sel, 1.0 / scale, out=y)
+    elif _keeps_scale(b, detach):
+        kept = _dynamic_scale(sel, norm, b, scale, out=torch.empty_like(sel))
+        torch.mul(kept, sel, out=y)
     else:
         _dynamic_scale(sel, norm, b, scale, out=y).mul_(sel)
-    return out, x, inv_norm, sel, winners, norm
+    return out, x, inv_norm, kept, winners, norm
 
 
 def _bcos_backward(
-        grad_y: Tensor, x: Tensor, weight: Tensor, inv_norm: Tensor, sel: Tensor, winners: Optional[Tensor],
+        grad_y: Tensor, x: Tensor, weight: Tensor, inv_norm: Tensor, kept: Tensor, winners: Optional[Tensor],
         norm: Optional[Tensor], geometry, max_out: int, b: float, scale: float, detach: bool,
         need_x: bool, need_w: bool, x_dtype: torch.dtype,
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -159,15 +171,29 @@ def _bcos_backward(
     not kept: a weight-sized tensor per layer less between forward and backward (benchmarks/memory.py)."""
     scaled_output = _scales_output(geometry, x, weight)
     w_used = weight if scaled_output else weight * _per_unit(inv_norm, weight)
-    # dy/dsel = B |c|^(B-1) / scale; in explanation mode |c|^(B-1) is a constant: 1 instead of B.
-    factor = 1.0 if detach else b
-    grad_sel = _dynamic_scale(sel, norm, b, scale, factor)
-    grad_sel = geometry.grad_view(grad_y) * grad_sel if b == 1 else grad_sel.mul_(geometry.grad_view(grad_y))
+    keeps_scale = _keeps_scale(b, detach)
+    sel = None if keeps_scale else kept
     grad_lin = None
     if max_out > 1:  # (N, G, M, Og, H, W), in the layout of the convolution output
-        flat_shape = (sel.shape[0], sel.shape[1] * max_out * sel.shape[2]) + sel.shape[3:]
-        grad_lin = geometry.unit_view(torch.empty(flat_shape, dtype=sel.dtype, device=sel.device,
+        flat_shape = (kept.shape[0], kept.shape[1] * max_out * kept.shape[2]) + kept.shape[3:]
+        grad_lin = geometry.unit_view(torch.empty(flat_shape, dtype=x.dtype, device=x.device,
                                                   memory_format=geometry.memory_format(x, weight)), max_out)
+    if keeps_scale and max_out == 2:
+        # dy/dsel (the kept scale) times the output gradient, written straight into the second
+        # unit's half of the MaxOut gradient and routed in place (`_maxout_backward`'s products).
+        first, second = grad_lin[:, :, 0], grad_lin[:, :, 1]
+        torch.mul(kept, geometry.grad_view(grad_y), out=second)
+        first.copy_(winners.view(torch.uint8))
+        first.mul_(second)
+        second.sub_(first)
+        return _linear_output_backward(grad_lin, x, weight, w_used, inv_norm, sel, None, geometry, scaled_output,
+                                need_x, need_w, x_dtype)
+    if keeps_scale:
+        grad_sel = kept * geometry.grad_view(grad_y)
+    else:
+        # dy/dsel = B |c|^(B-1) / scale; in explanation mode |c|^(B-1) is a constant: 1 instead of B.
+        grad_sel = _dynamic_scale(sel, norm, b, scale, 1.0 if detach else b)
+        grad_sel = geometry.grad_view(grad_y) * grad_sel if b == 1 else grad_sel.mul_(geometry.grad_view(grad_y))
     grad_q = None
     if b != 1 and not detach and need_x:
         # dy/d||x|| = -(B-1) y / ||x|| and d||x||/dq = 1 / (2 ||x||) for q = ||x||^2, with
@@ -176,10 +202,20 @@ def _bcos_backward(
         scratch = grad_lin is not None and grad_sel.dtype == sel.dtype
         prod = torch.mul(grad_sel, sel, out=grad_lin[:, :, 0]) if scratch else grad_sel * sel
         grad_q = prod.sum(2, keepdim=True).mul_((1 - b) / (2 * b)) / norm.square()
-    grad_lin = _maxout_backward(grad_sel, winners, grad_lin, sel.dtype)
+    grad_lin = _maxout_backward(grad_sel, winners, grad_lin, x.dtype)
+    return _linear_output_backward(grad_lin, x, weight, w_used, inv_norm, sel, grad_q, geometry, scaled_output,
+                            need_x, need_w, x_dtype)
+
+
+def _linear_output_backward(
+        grad_lin: Tensor, x: Tensor, weight: Tensor, w_used: Tensor, inv_norm: Tensor, sel: Optional[Tensor],
+        grad_q: Optional[Tensor], geometry, scaled_output: bool, need_x: bool, need_w: bool, x_dtype: torch.dtype,
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """`_bcos_backward` from the gradient of the linear output `grad_lin` (N, G, M, Og, H, W) on: the
+    unit norms, the convolution / matmul backward, the patch norms' term `grad_q` (if any)."""
     dot = None
     if scaled_output:
-        if need_w:
+        if need_w and sel is not None:
             # ŵ·g for each unit from its (small) output, not its (large) weight: the sum over
             # positions of grad_lin * ŵ·x, where ŵ·x = sel wherever the unit's gradient is not 0.
             acc = accumulate_dtype(sel.dtype)
@@ -198,7 +234,12 @@ def _bcos_backward(
     if grad_x is not None:
         grad_x = grad_x.to(x_dtype)
     if grad_w is not None:
-        grad_w = _unit_norm_backward(grad_w.to(weight.dtype), weight, inv_norm, dot)
+        grad_w = grad_w.to(weight.dtype)
+        if scaled_output and dot is None:
+            # Without the selected units (explanation mode keeps the scale): ŵ·g from the weight,
+            # as grad_w is g / ||w|| here.
+            dot = (grad_w * weight).sum(tuple(range(1, weight.dim()))).unsqueeze(1)
+        grad_w = _unit_norm_backward(grad_w, weight, inv_norm, dot)
     return grad_x, grad_w
 
 
@@ -208,9 +249,10 @@ class _BcosFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, geometry, max_out, b, scale, detach, dtype):
         ctx.x_dtype = x.dtype
-        out, x, inv_norm, sel, winners, norm = _bcos_forward(x, weight, geometry, max_out, b, scale, dtype)
+        out, x, inv_norm, kept, winners, norm = _bcos_forward(
+            x, weight, geometry, max_out, b, scale, dtype, detach=detach)
         ctx.geometry, ctx.max_out, ctx.b, ctx.scale, ctx.detach = geometry, max_out, b, scale, detach
-        ctx.save_for_backward(x, weight, inv_norm, sel, winners, norm)
+        ctx.save_for_backward(x, weight, inv_norm, kept, winners, norm)
         return out
 
     @staticmethod
@@ -234,20 +276,20 @@ def _bcos_forward_impl(
         x: Tensor, weight: Tensor, geometry: List[int], max_out: int, b: float, scale: float, detach: bool,
         dtype: torch.dtype,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(out, inv_norm, sel, winners, norm)``; `detach` is only read by the backward."""
-    out, _, inv_norm, sel, winners, norm = _bcos_forward(
-        x, weight, geometry_from_spec(tuple(geometry)), max_out, b, scale, dtype)
-    return out, inv_norm, sel, _or_empty(winners, x), _or_empty(norm, x)
+    """``(out, inv_norm, kept, winners, norm)`` (`kept`: see `_bcos_forward`)."""
+    out, _, inv_norm, kept, winners, norm = _bcos_forward(
+        x, weight, geometry_from_spec(tuple(geometry)), max_out, b, scale, dtype, detach=detach)
+    return out, inv_norm, kept, _or_empty(winners, x), _or_empty(norm, x)
 
 
 def _bcos_backward_impl(
-        grad_y: Tensor, x: Tensor, weight: Tensor, inv_norm: Tensor, sel: Tensor, winners: Tensor, norm: Tensor,
+        grad_y: Tensor, x: Tensor, weight: Tensor, inv_norm: Tensor, kept: Tensor, winners: Tensor, norm: Tensor,
         geometry: List[int], max_out: int, b: float, scale: float, detach: bool, need_x: bool, need_w: bool,
         dtype: torch.dtype,
 ) -> Tuple[Tensor, Tensor]:
     """``(grad_x, grad_w)`` of `_bcos_forward_op`, empty where not needed."""
     grad_x, grad_w = _bcos_backward(
-        grad_y, x.to(dtype), weight, inv_norm, sel, winners if max_out > 1 else None, norm if b != 1 else None,
+        grad_y, x.to(dtype), weight, inv_norm, kept, winners if max_out > 1 else None, norm if b != 1 else None,
         geometry_from_spec(tuple(geometry)), max_out, b, scale, detach, need_x, need_w, x.dtype)
     return _or_empty(grad_x, x), _or_empty(grad_w, weight)
 
@@ -270,8 +312,8 @@ _bcos_backward_op.register_fake(_bcos_backward_impl)
 
 def _bcos_op_setup_context(ctx, inputs, output) -> None:
     x, weight, geometry, max_out, b, scale, detach, dtype = inputs
-    _, inv_norm, sel, winners, norm = output
-    ctx.save_for_backward(x, weight, inv_norm, sel, winners, norm)
+    _, inv_norm, kept, winners, norm = output
+    ctx.save_for_backward(x, weight, inv_norm, kept, winners, norm)
     ctx.args = geometry, max_out, b, scale, detach
     ctx.dtype = dtype
 
