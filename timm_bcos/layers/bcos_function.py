@@ -17,7 +17,8 @@ so they cost a small fraction of the convolution. They are computed in float32 (
 float64 inputs): sums of squares overflow float16 long before the inputs do.
 
 In explanation mode (§3.2.1) the dynamic scale is treated as a constant: the backward then
-yields exactly the rows of the dynamic linear map W(x) (Eq. 10-14).
+yields exactly the rows of the dynamic linear map W(x) (Eq. 10-14), and the Function keeps that
+scale instead of the selected output, all the backward then needs of it.
 """
 from __future__ import annotations
 
@@ -187,7 +188,7 @@ def _bcos_backward(
         first.mul_(second)
         second.sub_(first)
         return _linear_output_backward(grad_lin, x, weight, w_used, inv_norm, sel, None, geometry, scaled_output,
-                                need_x, need_w, x_dtype)
+                                       need_x, need_w, x_dtype)
     if keeps_scale:
         grad_sel = kept * geometry.grad_view(grad_y)
     else:
@@ -204,7 +205,7 @@ def _bcos_backward(
         grad_q = prod.sum(2, keepdim=True).mul_((1 - b) / (2 * b)) / norm.square()
     grad_lin = _maxout_backward(grad_sel, winners, grad_lin, x.dtype)
     return _linear_output_backward(grad_lin, x, weight, w_used, inv_norm, sel, grad_q, geometry, scaled_output,
-                            need_x, need_w, x_dtype)
+                                   need_x, need_w, x_dtype)
 
 
 def _linear_output_backward(
