@@ -72,6 +72,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = [a for a in argv if a != '--debug']
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
+    from ..cpu_memory import keep_freed_cpu_memory
+
+    keep_freed_cpu_memory()  # this process's tensors reuse freed memory (README, "CPU memory")
     try:
         _run(parser, args, rest)
     except Exception as e:  # one line for the user; the traceback with --debug
