@@ -12,6 +12,14 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _glibc_malloc_defaults(monkeypatch):
+    """The command line keeps freed CPU memory process-wide and for good (`keep_freed_cpu_memory`):
+    run in-process by a test, it would change the allocator for every later test. A no-op here;
+    tests/test_cpu_memory.py checks the real one in fresh interpreters."""
+    monkeypatch.setattr('timm_bcos.cpu_memory.keep_freed_cpu_memory', lambda: False)
+
+
 @pytest.fixture
 def hub_offline(monkeypatch):
     """huggingface_hub's offline mode for one test: the variable, and the flag huggingface_hub read from it

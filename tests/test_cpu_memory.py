@@ -5,8 +5,6 @@ import sys
 
 import pytest
 
-import timm_bcos
-
 # Allocates, fills and frees a 64 MB tensor 8 times and prints the fewest minor page faults of a
 # round: with glibc's defaults the block is unmapped on every free and faulted in again (16k 4 KiB
 # pages) in every round. Kept, most rounds reuse it (now and then a small object takes a piece of
@@ -47,4 +45,3 @@ def test_the_command_line_keeps_freed_memory(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         main(['explain', str(tmp_path / 'missing.png'), '--model', 'bcos_no_such_model', '--out', str(tmp_path / 'o')])
     assert calls == [1]
-    assert timm_bcos.keep_freed_cpu_memory is not None
