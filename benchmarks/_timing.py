@@ -16,6 +16,8 @@ VARIANTS = ('timm', 'max_out=2', 'max_out=1')
 # The ops that run convolutions on CPU (profiler names); everything else is the layers' own work.
 _CONV_FORWARD = ('aten::mkldnn_convolution', 'aten::_slow_conv2d_forward', 'aten::thnn_conv2d',
                  'aten::_convolution_depthwise2d')
+# ... and their backward: oneDNN's, and the GEMM + col2im input gradient of layers with few input channels
+_CONV_BACKWARD = ('aten::convolution_backward', 'aten::_slow_conv2d_backward')
 
 
 def build_variant(name: str, variant: str) -> Tuple[nn.Module, float]:
@@ -63,7 +65,7 @@ def conv_split(fn) -> Dict[str, float]:
         fn()
     split = {'conv forward': 0.0, 'conv backward': 0.0, 'rest': 0.0}
     for event in prof.key_averages():
-        kind = ('conv backward' if event.key == 'aten::convolution_backward' else
+        kind = ('conv backward' if event.key in _CONV_BACKWARD else
                 'conv forward' if event.key in _CONV_FORWARD else 'rest')
         split[kind] += event.self_cpu_time_total / 1e3
     return split
