@@ -189,6 +189,8 @@ def test_custom_ops_pass_opcheck(max_out, b):
     from timm_bcos.layers.bcos_function import _bcos_forward_op
     from timm_bcos.layers.bcos_geometry import ConvGeometry, LinearGeometry
     cases = [(ConvGeometry((3, 3), (2, 2), (1, 1), (1, 1), 2), (2, 6, 7, 7), (6 * max_out, 3, 3, 3)),
+             # ungrouped with 6 input channels: the input gradient through GEMM + col2im (real tensors only)
+             (ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1), 1), (2, 6, 7, 7), (4 * max_out, 6, 3, 3)),
              (LinearGeometry(), (5, 6), (4 * max_out, 6))]
     for geometry, x_shape, w_shape in cases:
         x = torch.randn(*x_shape, dtype=torch.float64, requires_grad=True)

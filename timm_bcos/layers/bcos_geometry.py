@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 __all__ = ['NORM_EPS', 'ConvGeometry', 'LinearGeometry', 'accumulate_dtype', 'geometry_from_spec']
 
@@ -96,9 +97,12 @@ class ConvGeometry:
         of every B-cos network (6 channels, Eq. 18), whose input gradient is what `explain` returns.
         oneDNN handles so few channels poorly: for bcos_resnet18's stem (6 -> 2x64 channels, 7x7,
         stride 2) at 128 px its input gradient took 157 ms, 1.7x the forward, and GEMM + col2im
-        73 ms (benchmarks/conv_input_grad.py). Ungrouped, undilated, channels-first only."""
+        73 ms (benchmarks/conv_input_grad.py). Ungrouped, undilated, channels-first only, and real
+        tensors only: the GEMM backward has no meta kernel, so the compiler's fake tensors (the
+        custom ops' shapes) take oneDNN's, whose contiguous result has the same shape and strides."""
         return (x.device.type == 'cpu' and x.shape[1] <= SMALL_INPUT_CHANNELS and self.groups == 1
-                and tuple(self.dilation) == (1, 1) and x.is_contiguous() and grad.is_contiguous())
+                and tuple(self.dilation) == (1, 1) and x.is_contiguous() and grad.is_contiguous()
+                and not isinstance(x, FakeTensor))
 
     def unit_view(self, lin: Tensor, max_out: int) -> Tensor:
         """(N, G*M*Og, H, W) -> (N, G, M, Og, H, W)."""
