@@ -381,7 +381,9 @@ def _compiles_as_custom_op(x: Tensor, max_out: int) -> bool:
 
     On CPU, with gradients and MaxOut 2, the compiler's fusion of `_bcos_traceable` is about as
     fast as the custom ops (resnet50 fwd+bwd, interleaved: 529 vs 523 ms; bcos_resnet18 explain:
-    694 vs 713 ms) and takes 80-125 s instead of 3-18 s to compile resnet50; with MaxOut 1, or
+    694 vs 713 ms, and 990 vs 993 ms once the custom ops took the first layer's input gradient
+    from GEMM, which the traced form gives up; that layer alone as a custom op, the rest traced:
+    1018 vs 1012 ms) and takes 80-125 s instead of 3-18 s to compile resnet50; with MaxOut 1, or
     without gradients (inference), it is faster. On a GPU it is much faster (bcos_resnet50 bf16
     training on an H200: 2172 images/s traced, 933 through the custom ops, 1084 eager;
     benchmarks/gpu.txt)."""
