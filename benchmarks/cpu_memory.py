@@ -1,0 +1,93 @@
+"""`keep_freed_cpu_memory` against glibc's defaults: a no-grad forward and `explain` of one model.
+
+The setting is process-wide and cannot be undone, so each side runs in its own process, in
+alternating pairs (a shared machine's slow spells then hit both alike); each process prints the
+median time, the minor page faults per call and its peak RSS. Prints both sides and the ratio
+kept / default of the mean over the pairs.
+
+    python benchmarks/cpu_memory.py [--model bcos_resnet18] [--size 128] [--batch 32] [--pairs 2] [--reps 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+MODES = ('default', 'kept')
+MEASURES = ('forward ms', 'explain ms', 'faults/forward', 'faults/explain', 'peak RSS MiB')
+
+
+def _child(args: argparse.Namespace) -> None:
+    """One side, in this process: time and count page faults, print one JSON line."""
+    import timm
+    import torch
+
+    import timm_bcos
+    from timm_bcos import AddInverse
+    from timm_bcos.explain import explain
+
+    if args.child == 'kept' and not timm_bcos.keep_freed_cpu_memory():
+        raise SystemExit('keep_freed_cpu_memory did not apply here (not glibc)')
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # untrained B-cos nets have tiny activations: denormals are slow
+    torch.manual_seed(0)
+    model = timm.create_model(args.model).eval()
+    x = AddInverse()(torch.rand(args.batch, 3, args.size, args.size))
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    result = {}
+    for name, fn in (('forward', forward), ('explain', lambda: explain(model, x))):
+        fn()
+        times, faults = [], []
+        for _ in range(args.reps):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        result[f'{name} ms'] = statistics.median(times) * 1e3
+        result[f'faults/{name}'] = statistics.median(faults)
+    result['peak RSS MiB'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--model', default='bcos_resnet18')
+    parser.add_argument('--size', type=int, default=128)
+    parser.add_argument('--batch', type=int, default=32)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--reps', type=int, default=5)
+    parser.add_argument('--pairs', type=int, default=2)
+    parser.add_argument('--child', choices=MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(args)
+        return
+    runs = {mode: [] for mode in MODES}
+    for _ in range(args.pairs):
+        for mode in MODES:
+            out = subprocess.run([sys.executable, __file__, '--child', mode] + (argv or sys.argv[1:]),
+                                 capture_output=True, text=True, check=True).stdout
+            runs[mode].append(json.loads(out.strip().splitlines()[-1]))
+    print(f'{args.model}, {args.size} px, N={args.batch}, float32, {args.threads} threads, median of {args.reps} '
+          f'per process, {args.pairs} alternating pairs of processes')
+    print(f'{"malloc":>14s} |' + ''.join(f'{m:>15s} |' for m in MEASURES))
+    mean = {mode: {m: statistics.mean(r[m] for r in runs[mode]) for m in MEASURES} for mode in MODES}
+    for mode in MODES:
+        for r in runs[mode]:
+            print(f'{mode:>14s} |' + ''.join(f'{r[m]:15.0f} |' for m in MEASURES))
+    print(f'{"kept / default":>14s} |' + ''.join(
+        f'{mean["kept"][m] / mean["default"][m]:15.2f} |' if mean['default'][m] else f'{"-":>15s} |'
+        for m in MEASURES))
+
+
+if __name__ == '__main__':
+    main()
