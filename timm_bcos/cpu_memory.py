@@ -25,11 +25,11 @@ def keep_freed_cpu_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the system.
 
     Large blocks then come from the heap (no ``mmap`` per tensor) and freed memory stays there
-    (no trimming), so the buffers of one batch are reused by the next without page faults: in one
-    A/B, a no-grad forward of bcos_resnet18 (32 images, 128 px, 2 threads) took 0.82x the time and
-    `explain` 0.92x, with the same peak memory. Process-wide and not undone: the process keeps its
-    peak memory until it exits, as PyTorch's GPU caching allocator does. The ``timm-bcos`` command
-    calls it; in your own scripts call it once at start-up, or set
+    (no trimming), so the buffers of one batch are reused by the next without page faults: a
+    no-grad forward of bcos_resnet18 (32 images, 128 px, 2 threads) took ~0.8x the time and
+    `explain` 0.9x, with 1.02x the peak memory (benchmarks/cpu_memory.py). Process-wide and not
+    undone: the process keeps its peak memory until it exits, as PyTorch's GPU caching allocator
+    does. The ``timm-bcos`` command calls it; in your own scripts call it once at start-up, or set
     ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647`` before
     Python starts.
 
