@@ -102,6 +102,31 @@ def test_contributions_plus_bias_equal_logits_float32():
     assert e.check() < 1e-4
 
 
+def test_bias_forward_skips_zero_inputs_only(monkeypatch):
+    """b = f(0) (Eq. 13) from a forward in which B-cos layers skip all-zero inputs: bit-identical to
+    computing them, and every layer after a bias still computes (linear there, B = 1 and MaxOut 1:
+    with a bias inside, only those keep f dynamic-linear with b = f(0))."""
+    from timm_bcos.layers import bcos_function
+    model = nn.Sequential(
+        BcosConv2d(6, 8, 3, padding=1), BcosConv2d(8, 8, 3, padding=1, b=1, max_out=1, bias=True),
+        BcosConv2d(8, 8, 3, stride=2, padding=1, b=1, max_out=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        BcosLinear(8, 7, b=1, max_out=1),
+        LogitLayer(bias=-math.log(6)),
+    ).double().eval()
+    nn.init.normal_(model[1].bias)
+    x = _images()
+    with torch.no_grad():
+        expected = model(torch.zeros(1, 6, HW, HW, dtype=torch.float64))[0]
+    computed = []
+    forward = bcos_function._bcos_forward
+    monkeypatch.setattr(bcos_function, '_bcos_forward', lambda x, *args, **kwargs: (
+        computed.append(len(x)), forward(x, *args, **kwargs))[1])
+    e = explain(model, x, k=3, verify=True)
+    assert computed == [N, N, N, N, 1, 1]  # the batch, then f(0): the layers after the bias only
+    assert torch.equal(e.bias, expected[e.targets])
+    assert (expected != -math.log(6)).all()  # the bias reaches the logits through the later layers
+
+
 def test_intermediate_neuron_equals_its_activation():
     model = _net().eval()
     x = AddInverse()(_images())

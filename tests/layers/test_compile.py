@@ -42,6 +42,7 @@ def _round(eager, inner, compiled, x):
     ec, ee = timm_bcos.explain(compiled, x, k=2), timm_bcos.explain(eager, x, k=2)
     torch.testing.assert_close(ec.weights, ee.weights, rtol=1e-4, atol=1e-5 * ee.weights.abs().max().item())
     assert torch.equal(ec.targets, ee.targets) and ec.check() < 1e-5
+    torch.testing.assert_close(ec.bias, ee.bias)
 
 
 def test_compiled_model_equals_eager_and_mode_switches_reuse_graphs(models):

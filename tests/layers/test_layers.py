@@ -553,6 +553,32 @@ def test_zero_input(b):
         assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
 
 
+@pytest.mark.parametrize('case', CONV_CASES, ids=[str(c) for c in CONV_CASES])
+@pytest.mark.parametrize('max_out', [1, 3])
+def test_skipping_zero_inputs_gives_the_computed_output(case, max_out, monkeypatch):
+    """`skipping_zero_inputs` (explain's bias forward): an all-zero input gives, uncomputed, exactly the
+    computed output (shape, dtype, layout), also channels-last and under autocast; any other input
+    is computed."""
+    from timm_bcos.layers import bcos_function, skipping_zero_inputs
+    conv = BcosConv2d(4, 8, max_out=max_out, **case)
+    computed = []
+    forward = bcos_function._bcos_forward
+    monkeypatch.setattr(bcos_function, '_bcos_forward', lambda *a, **k: (computed.append(1), forward(*a, **k))[1])
+    cases = [(conv, torch.zeros(2, 4, 9, 10)), (conv, torch.zeros(2, 4, 9, 10).to(memory_format=torch.channels_last)),
+             (BcosLinear(6, 5, max_out=max_out), torch.zeros(2, 3, 6))]
+    for layer, x in cases:
+        for autocast in (False, True):
+            with torch.no_grad(), torch.autocast('cpu', torch.bfloat16, enabled=autocast):
+                expected = layer(x)
+                computed.clear()
+                with skipping_zero_inputs():
+                    got = layer(x)
+                    assert not computed
+                    layer(x + 1e-30)  # not all zero
+                    assert computed
+            assert torch.equal(got, expected) and got.dtype == expected.dtype and got.stride() == expected.stride()
+
+
 # --- errors and argument checks ---------------------------------------------------------------
 
 def test_three_channel_input_error_names_the_encoding():

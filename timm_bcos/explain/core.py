@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..layers import AddInverse, BcosConv2d, contribution, explained_constants, explanation_mode
+from ..layers import AddInverse, BcosConv2d, contribution, explained_constants, explanation_mode, skipping_zero_inputs
 from .explanation import Explanation
 
 __all__ = ['TargetLike', 'VERIFY_TOLERANCE', 'explain']
@@ -141,8 +141,8 @@ def _explain_outputs(model: nn.Module, x: Tensor, target, k: Optional[int]) -> E
     rows = torch.arange(len(x), device=x.device)
     selected = out[rows[:, None], targets]
     weights, by_constant = _input_rows(selected, x, constants)
-    with torch.no_grad(), explained_constants(model, zero=True):
-        bias = model(torch.zeros_like(x[:1]))[0, targets]
+    with _bias_forward(model):
+        bias = _uncompiled(model)(torch.zeros_like(x[:1]))[0, targets]
     logits = selected.detach()
     return _assemble(weights, x, logits, targets, bias, constants=by_constant, prediction=out.detach().argmax(1),
                      probabilities=torch.sigmoid(logits))
@@ -162,8 +162,9 @@ def _explain_layer(model: nn.Module, module: nn.Module, name: str, x: Tensor, ne
         index = flat.detach()[rows, neurons].argmax(-1)  # (N, T): the maximally activating location
     selected = flat[rows, neurons, index]
     weights, by_constant = _input_rows(selected, x, constants)
-    with torch.no_grad(), explained_constants(model, zero=True):
-        zero = _channels_first(_capture(model, module, name, torch.zeros_like(x[:1])), model).reshape(1, c, -1)
+    with _bias_forward(model):
+        zero = _channels_first(_capture(_uncompiled(model), module, name, torch.zeros_like(x[:1])), model)
+    zero = zero.reshape(1, c, -1)
     bias = zero[0, neurons, index]
     positions = None
     if spatial:
@@ -172,6 +173,21 @@ def _explain_layer(model: nn.Module, module: nn.Module, name: str, x: Tensor, ne
         positions = index[..., None] // strides % sizes
     return _assemble(weights, x, selected.detach(), neurons, bias, constants=by_constant, layer=name,
                      positions=positions)
+
+
+@contextlib.contextmanager
+def _bias_forward(model: nn.Module):
+    """The context of the forward at x = 0 that gives the bias b (Eq. 13): no gradients, explained
+    constants zero, and B-cos layers skip their all-zero inputs (`skipping_zero_inputs`): only the
+    layers after a bias do any work."""
+    with torch.no_grad(), explained_constants(model, zero=True), skipping_zero_inputs():
+        yield
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module behind ``torch.compile(model)`` (the same parameters), for the bias forward: a
+    compiled graph cannot skip the zero inputs, whose test depends on the data."""
+    return getattr(model, '_orig_mod', model) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
 
 
 def _channels_first(act: Tensor, model: nn.Module) -> Tensor:

@@ -2,7 +2,7 @@
 from .attention import DynamicAttention
 from .bcos_cond_conv import BcosCondConv2d
 from .bcos_conv import BcosConv2d, BcosConv2dSame
-from .bcos_function import from_reference_layout, to_reference_layout
+from .bcos_function import from_reference_layout, skipping_zero_inputs, to_reference_layout
 from .calibration import CalibratedConstant, calibration_keys
 from .bcos_linear import BcosLinear
 from .constant import ExplainedConstant, contribution, explained_constants
@@ -18,6 +18,6 @@ __all__ = [
     'BcosConv2dSame', 'BcosConvClassifier', 'BcosLinear', 'CalibratedConstant', 'DetachableModule', 'DynamicAttention',
     'DynamicGate', 'ExplainedConstant', 'GroupNormUncentered', 'InputShift', 'LayerNorm2dUncentered',
     'LayerNormUncentered', 'LogitLayer', 'add_inverse', 'calibration_keys', 'contribution', 'explained_constants',
-    'explanation_mode', 'from_reference_layout', 'is_explanation_mode',
+    'explanation_mode', 'from_reference_layout', 'is_explanation_mode', 'skipping_zero_inputs',
     'to_reference_layout',
 ]

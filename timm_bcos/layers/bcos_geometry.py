@@ -7,6 +7,7 @@ with its backward. `spec` encodes it as ints for the custom ops (`geometry_from_
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -73,11 +74,14 @@ class ConvGeometry:
 
     def output_numel(self, x: Tensor, w: Tensor) -> int:
         """Elements of ``linear(x, w)``, from the shapes alone."""
+        return math.prod(self.output_size(x, w, 1))
+
+    def output_size(self, x: Tensor, w: Tensor, max_out: int) -> Tuple[int, ...]:
+        """The B-cos layer's output shape (after MaxOut over `max_out` units), from the shapes alone."""
         n, _, *size = x.shape
-        area = 1
-        for s, k, st, p, d in zip(size, self.kernel_size, self.stride, self.padding, self.dilation):
-            area *= (s + 2 * p - d * (k - 1) - 1) // st + 1
-        return n * w.shape[0] * area
+        spatial = [(s + 2 * p - d * (k - 1) - 1) // st + 1
+                   for s, k, st, p, d in zip(size, self.kernel_size, self.stride, self.padding, self.dilation)]
+        return (n, w.shape[0] // max_out, *spatial)
 
     def linear_backward(
             self, grad: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool,
@@ -169,6 +173,9 @@ class LinearGeometry:
 
     def output_numel(self, x: Tensor, w: Tensor) -> int:
         return x.shape[0] * w.shape[0]
+
+    def output_size(self, x: Tensor, w: Tensor, max_out: int) -> Tuple[int, ...]:
+        return x.shape[0], w.shape[0] // max_out
 
     def linear_backward(
             self, grad: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool,
