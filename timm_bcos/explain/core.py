@@ -205,12 +205,17 @@ def _input_rows(selected: Tensor, x: Tensor,
     """Rows of W(x) for every column of `selected` (N, T): one backward per column, (N, T, *x); and
     the contribution ``W_c(x) c`` of each explained constant (by name, (N, T); None if there are none)."""
     t = selected.shape[1]
-    weights = x.new_empty((len(x), t) + x.shape[1:])
+    # One target: its input gradient is the result, not copied into a new (N, 1, ...) tensor.
+    weights = None if t == 1 else x.new_empty((len(x), t) + x.shape[1:])
     leaves = [c for _, c in constants]
     by_constant = {name: selected.new_zeros(selected.shape) for name, _ in constants} if constants else None
     for j in range(t):
         grads = torch.autograd.grad(selected[:, j].sum(), [x] + leaves, retain_graph=j + 1 < t, allow_unused=True)
-        weights[:, j] = grads[0] if grads[0] is not None else 0
+        row = grads[0] if grads[0] is not None else torch.zeros_like(x)
+        if weights is None:
+            weights = row.contiguous().unsqueeze(1)
+        else:
+            weights[:, j] = row
         for (name, c), g in zip(constants, grads[1:]):
             if g is not None:  # a constant used after the explained layer does not contribute
                 by_constant[name][:, j] += contribution(g, c.detach(), len(x))
