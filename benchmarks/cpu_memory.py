@@ -2,10 +2,11 @@
 
 The setting is process-wide and cannot be undone, so each side runs in its own process, in
 alternating pairs (a shared machine's slow spells then hit both alike); each process prints the
-median time, the minor page faults per call and its peak RSS. Prints both sides and the ratio
-kept / default of the mean over the pairs.
+median time, the minor page faults per call and its peak RSS. Prints both sides, explain / forward
+for each process, and the ratio kept / default of the mean over the pairs. ``--compile``: the
+same for ``torch.compile(model, fullgraph=True)`` (compile time excluded).
 
-    python benchmarks/cpu_memory.py [--model bcos_resnet18] [--size 128] [--batch 32] [--pairs 2] [--reps 5]
+    python benchmarks/cpu_memory.py [--model bcos_resnet18] [--size 128] [--batch 32] [--pairs 2] [--reps 5] [--compile]
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ def _child(args: argparse.Namespace) -> None:
     torch.set_flush_denormal(True)  # untrained B-cos nets have tiny activations: denormals are slow
     torch.manual_seed(0)
     model = timm.create_model(args.model).eval()
+    if args.compile:
+        model = torch.compile(model, fullgraph=True)
     x = AddInverse()(torch.rand(args.batch, 3, args.size, args.size))
 
     def forward():
@@ -45,6 +48,7 @@ def _child(args: argparse.Namespace) -> None:
     result = {}
     for name, fn in (('forward', forward), ('explain', lambda: explain(model, x))):
         fn()
+        fn()  # compiled: the first call compiles
         times, faults = [], []
         for _ in range(args.reps):
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -66,6 +70,7 @@ def main(argv=None) -> None:
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--reps', type=int, default=5)
     parser.add_argument('--pairs', type=int, default=2)
+    parser.add_argument('--compile', action='store_true', help='torch.compile(fullgraph=True) the model')
     parser.add_argument('--child', choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -77,13 +82,15 @@ def main(argv=None) -> None:
             out = subprocess.run([sys.executable, __file__, '--child', mode] + (argv or sys.argv[1:]),
                                  capture_output=True, text=True, check=True).stdout
             runs[mode].append(json.loads(out.strip().splitlines()[-1]))
-    print(f'{args.model}, {args.size} px, N={args.batch}, float32, {args.threads} threads, median of {args.reps} '
-          f'per process, {args.pairs} alternating pairs of processes')
-    print(f'{"malloc":>14s} |' + ''.join(f'{m:>15s} |' for m in MEASURES))
+    print(f'{args.model}{" compiled (fullgraph=True)" if args.compile else ""}, {args.size} px, N={args.batch}, '
+          f'float32, {args.threads} threads, median of {args.reps} per process, {args.pairs} alternating pairs of '
+          f'processes')
+    print(f'{"malloc":>14s} |' + ''.join(f'{m:>15s} |' for m in MEASURES) + f'{"explain/forward":>16s}')
     mean = {mode: {m: statistics.mean(r[m] for r in runs[mode]) for m in MEASURES} for mode in MODES}
     for mode in MODES:
         for r in runs[mode]:
-            print(f'{mode:>14s} |' + ''.join(f'{r[m]:15.0f} |' for m in MEASURES))
+            print(f'{mode:>14s} |' + ''.join(f'{r[m]:15.0f} |' for m in MEASURES)
+                  + f'{r["explain ms"] / r["forward ms"]:16.2f}')
     print(f'{"kept / default":>14s} |' + ''.join(
         f'{mean["kept"][m] / mean["default"][m]:15.2f} |' if mean['default'][m] else f'{"-":>15s} |'
         for m in MEASURES))
