@@ -187,7 +187,7 @@ def _bias_forward(model: nn.Module):
 def _uncompiled(model: nn.Module) -> nn.Module:
     """The module behind ``torch.compile(model)`` (the same parameters), for the bias forward: a
     compiled graph cannot skip the zero inputs, whose test depends on the data."""
-    return getattr(model, '_orig_mod', model) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
+    return model._orig_mod if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
 
 
 def _channels_first(act: Tensor, model: nn.Module) -> Tensor:
