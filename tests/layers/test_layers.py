@@ -182,12 +182,17 @@ def test_conv_matches_definition_and_gradcheck(case, b, max_out, bcos_path):
     assert torch.autograd.gradcheck(layer, (x,))
 
 
+@pytest.mark.parametrize('chunk_bytes', [None, 1])
 @pytest.mark.parametrize('max_out,b', [(2, 2.0), (3, 1.0), (1, 2.5)])
-def test_custom_ops_pass_opcheck(max_out, b):
+def test_custom_ops_pass_opcheck(max_out, b, chunk_bytes, monkeypatch):
     """The custom ops that torch.compile runs on CPU: schema, fake (meta) implementations, autograd
-    registration and AOT dispatch, as torch.library checks them, for a conv and a linear geometry."""
+    registration and AOT dispatch, as torch.library checks them, for a conv and a linear geometry;
+    also with explanation-mode convolutions run one image at a time (real tensors only)."""
+    from timm_bcos.layers import bcos_function
     from timm_bcos.layers.bcos_function import _bcos_forward_op
     from timm_bcos.layers.bcos_geometry import ConvGeometry, LinearGeometry
+    if chunk_bytes is not None:
+        monkeypatch.setattr(bcos_function, 'CHUNK_BYTES', chunk_bytes)
     cases = [(ConvGeometry((3, 3), (2, 2), (1, 1), (1, 1), 2), (2, 6, 7, 7), (6 * max_out, 3, 3, 3)),
              # ungrouped with 6 input channels: the input gradient through GEMM + col2im (real tensors only)
              (ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1), 1), (2, 6, 7, 7), (4 * max_out, 6, 3, 3)),
@@ -197,6 +202,43 @@ def test_custom_ops_pass_opcheck(max_out, b):
         w = torch.randn(*w_shape, dtype=torch.float64, requires_grad=True)
         for detach in (False, True):
             torch.library.opcheck(_bcos_forward_op, (x, w, geometry.spec, max_out, b, 3.0, detach, torch.float64))
+
+
+@pytest.mark.parametrize('cin,max_out,b', [(6, 2, 2.0), (16, 2, 2.0), (6, 3, 1.5), (16, 2, 1.0)])
+def test_explanation_mode_runs_large_layers_in_chunks_of_images(cin, max_out, b, bcos_path, monkeypatch):
+    """In explanation mode on CPU a layer whose linear output exceeds `CHUNK_BYTES` runs over the batch
+    in chunks of images, forward and input gradient (page faults: `_chunk_rows`), with the results
+    of the whole batch (to rounding); not for B = 1 (nothing kept), and not for the weight gradient."""
+    from timm_bcos.layers import bcos_function
+    from timm_bcos.layers.bcos_geometry import ConvGeometry
+    layer = BcosConv2d(cin, 8, 3, stride=2, padding=1, b=b, max_out=max_out).double()
+    layer.detach_dynamic = True
+    x = torch.randn(5, cin, 11, 9, dtype=torch.float64)
+    convs = []
+    linear = ConvGeometry.linear
+    monkeypatch.setattr(ConvGeometry, 'linear', lambda self, x, w: (convs.append(len(x)), linear(self, x, w))[1])
+
+    def run(chunk_bytes, weight_grad=False):
+        monkeypatch.setattr(bcos_function, 'CHUNK_BYTES', chunk_bytes)
+        layer.weight.requires_grad_(weight_grad)
+        xg = x.clone().requires_grad_()
+        convs.clear()
+        y = layer(xg)
+        grads = torch.autograd.grad(y, (xg, layer.weight) if weight_grad else (xg,), torch.cos(y))
+        return y, grads, list(convs)
+
+    whole, _, seen = run(2 ** 30)
+    assert seen == [5]
+    row = 8 * max_out * 6 * 5 * 8  # bytes of one image's linear output
+    chunked = bcos_path != 'traceable' and b != 1
+    for chunk_bytes, rows in [(1, 1), (2 * row, 2)]:
+        y, (gx,), seen = run(chunk_bytes)
+        assert seen == ([rows] * (5 // rows) + [5 % rows] * (5 % rows > 0) if chunked else [5])
+        assert _rel(y, whole) < 1e-13  # a chunk may scale its output instead of the weight: rounding
+        assert _rel(gx, run(2 ** 30)[1][0]) < 1e-13
+    y, (gx, gw), seen = run(1, weight_grad=True)  # training-style weight gradient: the forward still chunks
+    ref = run(2 ** 30, weight_grad=True)[1]
+    assert _rel(gx, ref[0]) < 1e-13 and _rel(gw, ref[1]) < 1e-13
 
 
 @pytest.mark.parametrize('max_out', [1, 2, 3])

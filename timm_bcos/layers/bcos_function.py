@@ -29,10 +29,14 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .bcos_geometry import NORM_EPS, accumulate_dtype, geometry_from_spec
 
 __all__ = ['bcos_apply', 'from_reference_layout', 'skipping_zero_inputs', 'to_reference_layout']
+
+# An explanation-mode layer on CPU whose linear output is larger runs over the batch in chunks (`_chunk_rows`).
+CHUNK_BYTES = 16 * 2 ** 20
 
 _SKIPS_ZERO_INPUTS = contextvars.ContextVar('timm_bcos_skips_zero_inputs', default=False)
 
@@ -66,8 +70,10 @@ def _dynamic_scale(sel: Tensor, norm: Optional[Tensor], b: float, scale: float, 
     return torch.abs(sel, out=out).mul_((factor / scale) ** (1.0 / (b - 1)) / norm).pow_(b - 1)
 
 
-def _maxout(lin: Tensor, need_winners: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
-    """MaxOut over dim 2 of (N, G, M, Og, H, W) (Eq. 17): the selected values and the winners."""
+def _maxout(lin: Tensor, need_winners: bool = True,
+            winners: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """MaxOut over dim 2 of (N, G, M, Og, H, W) (Eq. 17): the selected values and the winners (into
+    `winners` if given)."""
     m = lin.shape[2]
     if m == 1:
         return lin[:, :, 0], None
@@ -75,8 +81,10 @@ def _maxout(lin: Tensor, need_winners: bool = True) -> Tuple[Tensor, Optional[Te
         return (torch.maximum(lin[:, :, 0], lin[:, :, 1]) if m == 2 else lin.amax(dim=2)), None
     if m == 2:
         first, second = lin[:, :, 0], lin[:, :, 1]
-        return torch.maximum(first, second), torch.ge(first, second)
-    return lin.max(dim=2)
+        return torch.maximum(first, second), torch.ge(first, second, out=winners)
+    if winners is None:
+        return lin.max(dim=2)
+    return torch.max(lin, 2, out=(lin.new_empty(winners.shape), winners))
 
 
 def _maxout_backward(grad_sel: Tensor, winners: Optional[Tensor], grad_lin: Optional[Tensor], dtype: torch.dtype):
@@ -152,11 +160,47 @@ def _keeps_scale(b: float, detach: bool) -> bool:
     return detach and b != 1
 
 
+def _chunk_rows(geometry, x: Tensor, weight: Tensor, max_out: int, b: float, detach: bool) -> int:
+    """Images per chunk of an explanation-mode layer on CPU (MaxOut >= 2): its linear output (all
+    MaxOut units) and the convolution's own scratch stay under `CHUNK_BYTES` a chunk, ``len(x)``
+    where they already do. glibc's malloc maps each block over 32 MB afresh and page-faults it in
+    on first write: the first layer of bcos_resnet18 (32 images at 128 px) wrote 64 MB of linear
+    output and 64 MB of oneDNN scratch, ~33,000 faults a forward (README, Speed). The images are
+    independent: the results are the same, to rounding where a chunk scales its output instead of
+    the weight (`_scales_output`). Channels-first real tensors only (the compiler's fake tensors
+    describe the whole batch: the same shapes and strides)."""
+    if not (_keeps_scale(b, detach) and max_out > 1 and x.device.type == 'cpu' and x.dim() == 4
+            and x.is_contiguous() and geometry.memory_format(x, weight) == torch.contiguous_format
+            and not isinstance(x, FakeTensor)):
+        return len(x)
+    return max(1, CHUNK_BYTES // (geometry.output_numel(x[:1], weight) * x.element_size()))
+
+
+def _chunked_forward(x: Tensor, weight: Tensor, geometry, max_out: int, b: float, scale: float, dtype: torch.dtype,
+                     rows: int):
+    """`_bcos_forward` of an explanation-mode layer, `rows` images at a time, into whole-batch outputs."""
+    out = torch.empty(geometry.output_size(x, weight, max_out), dtype=dtype, device=x.device)
+    kept = torch.empty(geometry.grad_view(out).shape, dtype=dtype, device=x.device)
+    winners = torch.empty(kept.shape, dtype=torch.bool if max_out == 2 else torch.int64, device=x.device)
+    norms = []
+    for i in range(0, len(x), rows):
+        _, _, inv_norm, _, _, norm = _bcos_forward(x[i:i + rows], weight, geometry, max_out, b, scale, dtype,
+                                                   detach=True, into=(out[i:i + rows], kept[i:i + rows],
+                                                                      winners[i:i + rows]))
+        norms.append(norm)
+    return out, x.to(dtype), inv_norm, kept, winners, torch.cat(norms)
+
+
 def _bcos_forward(x: Tensor, weight: Tensor, geometry, max_out: int, b: float, scale: float, dtype: torch.dtype,
-                  need_winners: bool = True, detach: bool = False):
+                  need_winners: bool = True, detach: bool = False, into: Optional[Tuple[Tensor, ...]] = None):
     """The forward pass: the output and what the backward needs, ``(out, x, inv_norm, kept, winners, norm)``
     (``x`` cast to `dtype`; `kept` the selected units, or their dynamic scale where `_keeps_scale`;
-    `winners` None for MaxOut 1 or without `need_winners`, `norm` None for B = 1)."""
+    `winners` None for MaxOut 1 or without `need_winners`, `norm` None for B = 1). `into`: the
+    buffers for ``(out, kept, winners)`` of a chunk (`_chunked_forward`)."""
+    if into is None and need_winners:
+        rows = _chunk_rows(geometry, x, weight, max_out, b, detach)
+        if rows < len(x):
+            return _chunked_forward(x, weight, geometry, max_out, b, scale, dtype, rows)
     x = x.to(dtype)
     inv_norm = _inv_norm(weight)
     if _scales_output(geometry, x, weight):
@@ -165,18 +209,19 @@ def _bcos_forward(x: Tensor, weight: Tensor, geometry, max_out: int, b: float, s
     else:
         w_hat = weight * _per_unit(inv_norm, weight)
         lin = geometry.unit_view(geometry.linear(x, w_hat.to(dtype)), max_out)
-    sel, winners = _maxout(lin, need_winners)
+    sel, winners = _maxout(lin, need_winners, None if into is None else into[2])
     norm = None if b == 1 else geometry.patch_sq_norm(x).add_(NORM_EPS).sqrt_()
     # The output is allocated in its final layout and filled through a view: returning a view
     # would forbid in-place ops on it (timm's residual `x += shortcut`).
-    out = torch.empty(geometry.output_shape(lin.shape), dtype=sel.dtype, device=sel.device,
-                      memory_format=geometry.memory_format(x, weight))
+    out = into[0] if into is not None else torch.empty(
+        geometry.output_shape(lin.shape), dtype=sel.dtype, device=sel.device,
+        memory_format=geometry.memory_format(x, weight))
     y = geometry.grad_view(out)
     kept = sel
     if b == 1:
         torch.mul(sel, 1.0 / scale, out=y)
     elif _keeps_scale(b, detach):
-        kept = _dynamic_scale(sel, norm, b, scale, out=torch.empty_like(sel))
+        kept = _dynamic_scale(sel, norm, b, scale, out=torch.empty_like(sel) if into is None else into[1])
         torch.mul(kept, sel, out=y)
     else:
         _dynamic_scale(sel, norm, b, scale, out=y).mul_(sel)
@@ -191,7 +236,14 @@ def _bcos_backward(
     """Gradients of `_bcos_forward`'s output for its input (in `x_dtype`) and weight, from its saved tensors.
 
     Where the forward scaled the weight, the normalised weight is recomputed here (one product),
-    not kept: a weight-sized tensor per layer less between forward and backward (benchmarks/memory.py)."""
+    not kept: a weight-sized tensor per layer less between forward and backward (benchmarks/memory.py).
+    An explanation's input gradient goes by chunks of images, as its forward (`_chunk_rows`)."""
+    rows = _chunk_rows(geometry, x, weight, max_out, b, detach) if need_x and not need_w else len(x)
+    if rows < len(x):
+        return torch.cat([_bcos_backward(
+            grad_y[i:i + rows], x[i:i + rows], weight, inv_norm, kept[i:i + rows], winners[i:i + rows],
+            norm[i:i + rows], geometry, max_out, b, scale, detach, True, False, x_dtype)[0]
+            for i in range(0, len(x), rows)]), None
     scaled_output = _scales_output(geometry, x, weight)
     w_used = weight if scaled_output else weight * _per_unit(inv_norm, weight)
     keeps_scale = _keeps_scale(b, detach)
