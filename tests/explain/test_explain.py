@@ -127,6 +127,18 @@ def test_bias_forward_skips_zero_inputs_only(monkeypatch):
     assert (expected != -math.log(6)).all()  # the bias reaches the logits through the later layers
 
 
+def test_layers_run_in_chunks_of_images_give_the_same_explanation(monkeypatch):
+    """Explanation-mode layers run over the batch in chunks of images (`CHUNK_BYTES`; here one image):
+    the same rows of W(x), also for several targets (backward passes through a retained graph)."""
+    from timm_bcos.layers import bcos_function
+    model, x = _net().eval(), _images()
+    whole = explain(model, x, k=3, verify=True)
+    monkeypatch.setattr(bcos_function, 'CHUNK_BYTES', 1)
+    chunked = explain(model, x, k=3, verify=True)
+    torch.testing.assert_close(chunked.weights, whole.weights, rtol=1e-12, atol=0)
+    torch.testing.assert_close(chunked.logits, whole.logits, rtol=1e-12, atol=0)
+
+
 def test_intermediate_neuron_equals_its_activation():
     model = _net().eval()
     x = AddInverse()(_images())

@@ -161,19 +161,23 @@ def _keeps_scale(b: float, detach: bool) -> bool:
 
 
 def _chunk_rows(geometry, x: Tensor, weight: Tensor, max_out: int, b: float, detach: bool) -> int:
-    """Images per chunk of an explanation-mode layer on CPU (MaxOut >= 2): its linear output (all
-    MaxOut units) and the convolution's own scratch stay under `CHUNK_BYTES` a chunk, ``len(x)``
-    where they already do. glibc's malloc maps each block over 32 MB afresh and page-faults it in
-    on first write: the first layer of bcos_resnet18 (32 images at 128 px) wrote 64 MB of linear
+    """Images per chunk of an explanation-mode layer on CPU: its linear output (all MaxOut units)
+    and the convolution's own scratch stay under `CHUNK_BYTES` a chunk; ``len(x)`` where they
+    already do. glibc's malloc maps each block over 32 MB afresh and page-faults it in on first
+    write: the first layer of bcos_resnet18 (32 images at 128 px) wrote 64 MB of linear
     output and 64 MB of oneDNN scratch, ~33,000 faults a forward (README, Speed). The images are
     independent: the results are the same, to rounding where a chunk scales its output instead of
     the weight (`_scales_output`). Channels-first real tensors only (the compiler's fake tensors
     describe the whole batch: the same shapes and strides)."""
-    if not (_keeps_scale(b, detach) and max_out > 1 and x.device.type == 'cpu' and x.dim() == 4
+    if not (_keeps_scale(b, detach) and x.device.type == 'cpu' and x.dim() == 4
             and x.is_contiguous() and geometry.memory_format(x, weight) == torch.contiguous_format
             and not isinstance(x, FakeTensor)):
         return len(x)
     return max(1, CHUNK_BYTES // (geometry.output_numel(x[:1], weight) * x.element_size()))
+
+
+def _rows(t: Optional[Tensor], start: int, rows: int) -> Optional[Tensor]:
+    return None if t is None else t[start:start + rows]
 
 
 def _chunked_forward(x: Tensor, weight: Tensor, geometry, max_out: int, b: float, scale: float, dtype: torch.dtype,
@@ -181,12 +185,13 @@ def _chunked_forward(x: Tensor, weight: Tensor, geometry, max_out: int, b: float
     """`_bcos_forward` of an explanation-mode layer, `rows` images at a time, into whole-batch outputs."""
     out = torch.empty(geometry.output_size(x, weight, max_out), dtype=dtype, device=x.device)
     kept = torch.empty(geometry.grad_view(out).shape, dtype=dtype, device=x.device)
-    winners = torch.empty(kept.shape, dtype=torch.bool if max_out == 2 else torch.int64, device=x.device)
+    winners = None if max_out == 1 else torch.empty(kept.shape, dtype=torch.bool if max_out == 2 else torch.int64,
+                                                    device=x.device)
     norms = []
     for i in range(0, len(x), rows):
         _, _, inv_norm, _, _, norm = _bcos_forward(x[i:i + rows], weight, geometry, max_out, b, scale, dtype,
                                                    detach=True, into=(out[i:i + rows], kept[i:i + rows],
-                                                                      winners[i:i + rows]))
+                                                                      _rows(winners, i, rows)))
         norms.append(norm)
     return out, x.to(dtype), inv_norm, kept, winners, torch.cat(norms)
 
@@ -241,7 +246,7 @@ def _bcos_backward(
     rows = _chunk_rows(geometry, x, weight, max_out, b, detach) if need_x and not need_w else len(x)
     if rows < len(x):
         return torch.cat([_bcos_backward(
-            grad_y[i:i + rows], x[i:i + rows], weight, inv_norm, kept[i:i + rows], winners[i:i + rows],
+            grad_y[i:i + rows], x[i:i + rows], weight, inv_norm, kept[i:i + rows], _rows(winners, i, rows),
             norm[i:i + rows], geometry, max_out, b, scale, detach, True, False, x_dtype)[0]
             for i in range(0, len(x), rows)]), None
     scaled_output = _scales_output(geometry, x, weight)
