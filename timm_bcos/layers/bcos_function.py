@@ -155,21 +155,9 @@ def _unit_scale_view(inv_norm: Tensor, lin: Tensor) -> Tensor:
 
 def _keeps_scale(b: float, detach: bool) -> bool:
     """Explanation mode keeps the dynamic scale for the backward instead of the selected units: with
-    the scale a constant (§3.2.1) it is all the backward needs of them. With MaxOut 2 it is kept
-    routed to the winners (`_route_scale`): each backward, one per explained target, is then one
-    product (benchmarks/explain.py)."""
+    the scale a constant (§3.2.1) it is all the backward needs of them, one product instead of three
+    passes (benchmarks/explain.py)."""
     return detach and b != 1
-
-
-def _route_scale(scale_sel: Tensor, winners: Tensor, routed: Tensor) -> Tensor:
-    """The dynamic scale of the selected units routed to the MaxOut 2 winners, into `routed`
-    (N, G, 2, Og, H, W): the first unit's where it won, else 0, and the rest to the second.
-    `scale_sel` may be ``routed[:, :, 1]`` itself. Float mask products: on CPU ~10x faster than
-    torch.where or a bool mask, and the mask converts fastest from its uint8 view."""
-    first, second = routed[:, :, 0], routed[:, :, 1]
-    first.copy_(winners.view(torch.uint8)).mul_(scale_sel)
-    torch.sub(scale_sel, first, out=second)
-    return routed
 
 
 def _chunk_rows(geometry, x: Tensor, weight: Tensor, max_out: int, b: float, detach: bool) -> int:
@@ -196,12 +184,9 @@ def _chunked_forward(x: Tensor, weight: Tensor, geometry, max_out: int, b: float
                      rows: int):
     """`_bcos_forward` of an explanation-mode layer, `rows` images at a time, into whole-batch outputs."""
     out = torch.empty(geometry.output_size(x, weight, max_out), dtype=dtype, device=x.device)
-    units = geometry.grad_view(out).shape
-    if max_out == 2:  # the routed scale, no winners
-        kept, winners = torch.empty(units[:2] + (2,) + units[2:], dtype=dtype, device=x.device), None
-    else:
-        kept = torch.empty(units, dtype=dtype, device=x.device)
-        winners = None if max_out == 1 else torch.empty(units, dtype=torch.int64, device=x.device)
+    kept = torch.empty(geometry.grad_view(out).shape, dtype=dtype, device=x.device)
+    winners = None if max_out == 1 else torch.empty(kept.shape, dtype=torch.bool if max_out == 2 else torch.int64,
+                                                    device=x.device)
     norms = []
     for i in range(0, len(x), rows):
         _, _, inv_norm, _, _, norm = _bcos_forward(x[i:i + rows], weight, geometry, max_out, b, scale, dtype,
@@ -214,10 +199,9 @@ def _chunked_forward(x: Tensor, weight: Tensor, geometry, max_out: int, b: float
 def _bcos_forward(x: Tensor, weight: Tensor, geometry, max_out: int, b: float, scale: float, dtype: torch.dtype,
                   need_winners: bool = True, detach: bool = False, into: Optional[Tuple[Tensor, ...]] = None):
     """The forward pass: the output and what the backward needs, ``(out, x, inv_norm, kept, winners, norm)``
-    (``x`` cast to `dtype`; `kept` the selected units, or their dynamic scale where `_keeps_scale`,
-    for MaxOut 2 routed to the winners (`_route_scale`; `winners` None then); `winners` None for
-    MaxOut 1 or without `need_winners`, `norm` None for B = 1). `into`: the buffers for ``(out, kept,
-    winners)`` of a chunk (`_chunked_forward`)."""
+    (``x`` cast to `dtype`; `kept` the selected units, or their dynamic scale where `_keeps_scale`;
+    `winners` None for MaxOut 1 or without `need_winners`, `norm` None for B = 1). `into`: the
+    buffers for ``(out, kept, winners)`` of a chunk (`_chunked_forward`)."""
     if into is None and need_winners:
         rows = _chunk_rows(geometry, x, weight, max_out, b, detach)
         if rows < len(x):
@@ -241,12 +225,6 @@ def _bcos_forward(x: Tensor, weight: Tensor, geometry, max_out: int, b: float, s
     kept = sel
     if b == 1:
         torch.mul(sel, 1.0 / scale, out=y)
-    elif _keeps_scale(b, detach) and max_out == 2 and winners is not None:
-        # The scale goes into the second unit's half of the (no longer needed) linear output, then
-        # routed in there or into the chunk's buffer.
-        scale_sel = _dynamic_scale(sel, norm, b, scale, out=lin[:, :, 1])
-        torch.mul(scale_sel, sel, out=y)
-        kept, winners = _route_scale(scale_sel, winners, lin if into is None else into[1]), None
     elif _keeps_scale(b, detach):
         kept = _dynamic_scale(sel, norm, b, scale, out=torch.empty_like(sel) if into is None else into[1])
         torch.mul(kept, sel, out=y)
@@ -275,14 +253,21 @@ def _bcos_backward(
     w_used = weight if scaled_output else weight * _per_unit(inv_norm, weight)
     keeps_scale = _keeps_scale(b, detach)
     sel = None if keeps_scale else kept
-    if keeps_scale and max_out == 2:  # dy/dlin: the routed scale times the output gradient
-        return _linear_output_backward(kept * geometry.grad_view(grad_y).unsqueeze(2), x, weight, w_used,
-                                       inv_norm, sel, None, geometry, scaled_output, need_x, need_w, x_dtype)
     grad_lin = None
     if max_out > 1:  # (N, G, M, Og, H, W), in the layout of the convolution output
         flat_shape = (kept.shape[0], kept.shape[1] * max_out * kept.shape[2]) + kept.shape[3:]
         grad_lin = geometry.unit_view(torch.empty(flat_shape, dtype=x.dtype, device=x.device,
                                                   memory_format=geometry.memory_format(x, weight)), max_out)
+    if keeps_scale and max_out == 2:
+        # dy/dsel (the kept scale) times the output gradient, written straight into the second
+        # unit's half of the MaxOut gradient and routed in place (`_maxout_backward`'s products).
+        first, second = grad_lin[:, :, 0], grad_lin[:, :, 1]
+        torch.mul(kept, geometry.grad_view(grad_y), out=second)
+        first.copy_(winners.view(torch.uint8))
+        first.mul_(second)
+        second.sub_(first)
+        return _linear_output_backward(grad_lin, x, weight, w_used, inv_norm, sel, None, geometry, scaled_output,
+                                       need_x, need_w, x_dtype)
     if keeps_scale:
         grad_sel = kept * geometry.grad_view(grad_y)
     else:
@@ -392,9 +377,8 @@ def _bcos_backward_impl(
 # The names carry the version of the ops' contract (their outputs' shapes, dtypes and strides):
 # torch's on-disk compile caches key a compiled graph on the names of the ops in it, not on the
 # code behind them, so a graph cached with an older contract would assert at run time. Version 2:
-# outputs in the convolution's layout (channels-last models). Version 3: in explanation mode with
-# MaxOut 2, the dynamic scale routed to the winners, (N, G, 2, Og, H, W), and no winners.
-_OP_VERSION = 3
+# outputs in the convolution's layout (channels-last models).
+_OP_VERSION = 2
 _bcos_forward_op = torch.library.custom_op(
     f'timm_bcos::bcos_forward_v{_OP_VERSION}', _bcos_forward_impl, mutates_args=())
 _bcos_backward_op = torch.library.custom_op(
