@@ -2,7 +2,6 @@
 from .attention import DynamicAttention
 from .bcos_cond_conv import BcosCondConv2d
 from .bcos_conv import BcosConv2d, BcosConv2dSame
-from .bcos_function import from_reference_layout, skipping_zero_inputs, to_reference_layout
 from .calibration import CalibratedConstant, calibration_keys
 from .bcos_linear import BcosLinear
 from .constant import ExplainedConstant, contribution, explained_constants
@@ -12,6 +11,8 @@ from .explain_mode import DetachableModule, explanation_mode, is_explanation_mod
 from .gate import ActivationGate, DynamicGate
 from .logit import LogitLayer
 from .norm import BatchNormUncentered2d, GroupNormUncentered, LayerNorm2dUncentered, LayerNormUncentered
+from .unit_layout import from_reference_layout, to_reference_layout
+from .zero_inputs import skipping_zero_inputs
 
 __all__ = [
     'ActivationGate', 'AddInverse', 'BatchNormUncentered2d', 'BcosClassifier', 'BcosCondConv2d', 'BcosConv2d',

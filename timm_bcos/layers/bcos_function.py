@@ -22,39 +22,19 @@ scale instead of the selected output, all the backward then needs of it.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import math
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .bcos_geometry import NORM_EPS, accumulate_dtype, geometry_from_spec
+from .zero_inputs import skips_zero_inputs
 
-__all__ = ['bcos_apply', 'from_reference_layout', 'skipping_zero_inputs', 'to_reference_layout']
+__all__ = ['bcos_apply']
 
 # An explanation-mode layer on CPU whose linear output is larger runs over the batch in chunks (`_chunk_rows`).
 CHUNK_BYTES = 16 * 2 ** 20
-
-_SKIPS_ZERO_INPUTS = contextvars.ContextVar('timm_bcos_skips_zero_inputs', default=False)
-
-
-@contextlib.contextmanager
-def skipping_zero_inputs() -> Iterator[None]:
-    """Within the context, an inference-mode B-cos transform (no gradients, not compiling) returns
-    zeros for an all-zero input without computing them: it is homogeneous, 0 at x = 0 (Eq. 9; a
-    layer's bias is added after it). For `explain`'s bias ``b = f(0)`` (Eq. 13): a batch-1 forward
-    on zeros, whose convolutions cost 7% of a 32-image forward of bcos_resnet18 (29 ms; 1.3 ms
-    skipped: README, Speed). The check is one pass over each input, so it is off elsewhere; on or
-    off, the outputs are the same (for finite weights: a NaN weight gives NaN computed, 0 skipped)."""
-    token = _SKIPS_ZERO_INPUTS.set(True)
-    try:
-        yield
-    finally:
-        _SKIPS_ZERO_INPUTS.reset(token)
-
 
 def _dynamic_scale(sel: Tensor, norm: Optional[Tensor], b: float, scale: float, factor: float = 1.0,
                    out: Optional[Tensor] = None):
@@ -498,30 +478,7 @@ def bcos_apply(
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _BcosFunction.apply(x, weight, geometry, max_out, b, scale, detach, dtype)
     # Inference: no autograd node, no MaxOut winners to keep.
-    if _SKIPS_ZERO_INPUTS.get() and not x.any():
+    if skips_zero_inputs() and not x.any():
         return torch.empty(geometry.output_size(x, weight, max_out), dtype=dtype, device=x.device,
                            memory_format=geometry.memory_format(x, weight)).zero_()
     return _bcos_forward(x, weight, geometry, max_out, b, scale, dtype, need_winners=False)[0]
-
-
-def from_reference_layout(weight: Tensor, max_out: int, groups: int = 1) -> Tensor:
-    """Reorder MaxOut units from the reference layout (row ``o * M + m``, B-cos v1/v2) to ours.
-
-    Ours is (group, unit, output): row ``g * M * Og + m * Og + o'``, so the MaxOut partners are
-    contiguous channel blocks of the convolution output. Identity for ``max_out == 1``.
-    """
-    if max_out == 1:
-        return weight
-    return weight.view(groups, -1, max_out, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-
-
-def to_reference_layout(weight: Tensor, max_out: int, groups: int = 1) -> Tensor:
-    """Inverse of `from_reference_layout`."""
-    if max_out == 1:
-        return weight
-    return weight.view(groups, max_out, -1, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-
-
-def default_scale(fan_in: int, scale_factor: float) -> float:
-    """v1's output divisor ``k * sqrt(C_in) / scale_factor`` written as ``sqrt(fan_in) / scale_factor``."""
-    return math.sqrt(fan_in) / scale_factor

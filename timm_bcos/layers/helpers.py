@@ -7,8 +7,6 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .bcos_function import default_scale
-
 __all__ = ['check_b_max_out', 'check_input', 'check_unnormalised', 'gain_and_bias', 'resolve_scale']
 
 
@@ -53,6 +51,11 @@ def gain_and_bias(out: Tensor, weight: Tensor, bias: Optional[Tensor], normalize
     if not normalized:
         out = out * torch.linalg.vector_norm(weight.flatten(1), dim=1).to(out.dtype).view(shape)
     return out if bias is None else out + bias.to(out.dtype).view(shape)
+
+
+def default_scale(fan_in: int, scale_factor: float) -> float:
+    """v1's output divisor ``k * sqrt(C_in) / scale_factor`` written as ``sqrt(fan_in) / scale_factor``."""
+    return math.sqrt(fan_in) / scale_factor
 
 
 def resolve_scale(scale: Union[float, str, None], fan_in: int, scale_factor: float) -> float:
