@@ -224,9 +224,18 @@ def _input_rows(selected: Tensor, x: Tensor,
 
 def _assemble(weights: Tensor, x: Tensor, logits: Tensor, targets: Tensor, bias: Tensor, **extra) -> Explanation:
     x = x.detach()
-    contributions = (weights * x[:, None]).sum(2)  # Eq. 15, summed over the colour channels
-    return Explanation(weights=weights, contributions=contributions, logits=logits, targets=targets,
+    return Explanation(weights=weights, contributions=_contributions(weights, x), logits=logits, targets=targets,
                        bias=bias.detach().to(logits.dtype), inputs=x, **extra)
+
+
+def _contributions(weights: Tensor, x: Tensor) -> Tensor:
+    """``sum_c W(x) * x`` (Eq. 15, summed over the colour channels), (N, T, ...), one target at a
+    time: the (N, T, C, ...) product is never made. For the top 5 of 32 images at 128 px that
+    product was a fresh 63 MB, 42 ms to fault in and sum, against 7 ms (benchmarks/explain.py)."""
+    out = weights.new_empty(weights.shape[:2] + weights.shape[3:])
+    for j in range(weights.shape[1]):
+        torch.linalg.vecdot(weights[:, j], x, dim=1, out=out[:, j])
+    return out
 
 
 def _capture(model: nn.Module, module: nn.Module, name: str, x: Tensor) -> Tensor:
