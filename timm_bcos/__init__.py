@@ -16,8 +16,7 @@ from .layers import (ActivationGate, AddInverse, BatchNormUncentered2d, BcosClas
                      add_inverse, explanation_mode, from_reference_layout, is_explanation_mode, to_reference_layout)
 from .models import BcosSimpleNet, CheckpointMismatchError, PretrainedWeightsError, load_model
 from .training import CheckpointError, TrainConfig, train
-
-__version__ = '0.1.0'
+from .version import __version__ as __version__
 
 __all__ = [
     # convert any timm CNN (or your own), and check the result; B-cosify a trained one

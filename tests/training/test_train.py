@@ -335,6 +335,7 @@ def test_final_folder_loads_with_timm_local_dir(finished_run):
     saved = json.loads((out / 'results.json').read_text())
     assert saved['metrics']['test_acc'] == results['test_acc'] and saved['config']['lr'] == 4e-3
     assert saved['recipe']['optimizer'] == 'Adam' and len(saved['history']) == 2
+    assert saved['environment']['timm_bcos'] == timm_bcos.__version__  # the code that ran, installed or not
 
 
 def test_conventional_baseline_with_cross_entropy(tmp_path):

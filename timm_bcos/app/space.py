@@ -6,7 +6,8 @@ own Hub path and serves `timm_bcos.app.ui` on the address and port the Space giv
 """
 from __future__ import annotations
 
-from .._utils import OutputFolder, package_version
+from .._utils import OutputFolder
+from ..version import __version__
 
 __all__ = ['SPACE_FILES', 'write_space']
 
@@ -63,8 +64,7 @@ def write_space(folder: OutputFolder, repo_id: str) -> None:
     import timm
     import torch
 
-    version = package_version('timm-bcos')
-    pin = f'timm-bcos=={version}' if version else 'timm-bcos'
+    pin = f'timm-bcos=={__version__}'
     requirements = (f'# the explorer and the model code; to run an unreleased version, replace the first line\n'
                     f'# with the package\'s git URL: git+https://.../timm-bcos@COMMIT\n'
                     f'{pin}\ntorch=={torch.__version__.split("+")[0]}\ntimm=={timm.__version__}\n'

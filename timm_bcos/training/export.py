@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .._utils import package_version, write_json
+from ..version import __version__
 from ..data import BUILTIN_CLASSES
 from ..models.export import save_pretrained
 from .checkpoint import RESULTS_FILE
@@ -53,4 +54,4 @@ def export_run(model: nn.Module, out: Path, config: TrainConfig, data: DataSplit
                   encoding='[x, 1-x] of [0, 1] RGB' if spec.in_chans == 6 else 'RGB in [0, 1], no normalisation'),
         environment=dict(device=device, num_processes=num_processes, mixed_precision=config.mixed_precision,
                          torch=torch.__version__, timm=timm.__version__, accelerate=package_version('accelerate'),
-                         timm_bcos=package_version('timm_bcos'))), fsync=True)
+                         timm_bcos=__version__)), fsync=True)
