@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
 
 # Runs each benchmark and records its output next to it (benchmarks/<name>.txt): NAME or NAME:ARGS.
-BENCHES = layer conv_input_grad model model-compile:--compile,--models,resnet50,--profile model-channels-last:--channels-last,--models,resnet50 memory explain:--profile,--compile cpu_memory cpu_memory-compile:--compile,--pairs,3,--reps,7 bcosify serve
+BENCHES = layer conv_input_grad model model-compile:--compile,--models,resnet50,--profile model-channels-last:--channels-last,--models,resnet50 memory explain:--profile,--compile cpu_memory:--pairs,3 cpu_memory-compile:--compile,--pairs,3,--reps,7 bcosify serve
 bench: $(STAMP)
 	for entry in $(BENCHES); do \
 	  name=$${entry%%:*}; script=$${name%%-*}; args=$$(echo "$${entry#$$name}" | tr ':,' '  '); \

@@ -1,11 +1,13 @@
 """Helpers shared by the benchmark scripts (run as ``python benchmarks/<name>.py``)."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable, Dict, Tuple
 
 import timm
+import torch
 from torch import Tensor, cat, nn
 
 from timm_bcos import convert_to_bcos
@@ -69,3 +71,25 @@ def conv_split(fn) -> Dict[str, float]:
                 'conv forward' if event.key in _CONV_FORWARD else 'rest')
         split[kind] += event.self_cpu_time_total / 1e3
     return split
+
+
+def benchmark_parser(doc: str, **defaults) -> argparse.ArgumentParser:
+    """A CPU benchmark's options: its description (the first line of `doc`), ``--threads`` (2 by
+    default) and one option per keyword with its default: ``models`` takes names, the others a
+    value of their default's type (``reps=7`` gives ``--reps N``)."""
+    parser = argparse.ArgumentParser(description=doc.split('\n')[0])
+    parser.add_argument('--threads', type=int, default=2)
+    for name, default in defaults.items():
+        if isinstance(default, list):
+            parser.add_argument(f'--{name}', nargs='+', default=default)
+        else:
+            parser.add_argument(f'--{name}', type=type(default), default=default)
+    return parser
+
+
+def set_up(threads: int) -> None:
+    """The state every CPU benchmark runs in: `threads` threads, denormals flushed (untrained B-cos
+    nets make tiny activations, and denormal arithmetic is slow), seed 0."""
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(0)

@@ -9,25 +9,18 @@ pass over 16 noise images at the model's input size), and their ratios. 2 thread
 """
 from __future__ import annotations
 
-import argparse
 import warnings
 
 import timm
-import torch
 
 from timm_bcos import bcosify
 
-from _timing import median_time  # benchmarks/_timing.py
+from _timing import benchmark_parser, median_time, set_up  # benchmarks/_timing.py
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--models', nargs='+', default=['resnet50', 'densenet121'])
-    parser.add_argument('--reps', type=int, default=3)
-    parser.add_argument('--threads', type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    args = benchmark_parser(__doc__, models=['resnet50', 'densenet121'], reps=3).parse_args()
+    set_up(args.threads)
     warnings.simplefilter('ignore')
     print(f'{args.threads} threads, median of {args.reps}')
     print(f'{"model":>12} | {"build s":>7} | {"bcosify s":>9} | {"+ recalibration s":>17} | {"ratios to build":>15}')

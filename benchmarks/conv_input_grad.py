@@ -11,14 +11,13 @@ shipped models (MaxOut 2 doubles the output channels), at the batch and size of
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torch.nn.functional as F
 
 from timm_bcos.layers.bcos_geometry import SMALL_INPUT_CHANNELS
 
-from _timing import interleaved_medians  # benchmarks/_timing.py
+from _timing import benchmark_parser, interleaved_medians, set_up  # benchmarks/_timing.py
 
 # (name, input channels, output channels incl. MaxOut, kernel, stride, padding, size divisor)
 LAYERS = [
@@ -31,14 +30,8 @@ LAYERS = [
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--batch', type=int, default=32)
-    parser.add_argument('--size', type=int, default=128)
-    parser.add_argument('--reps', type=int, default=7)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = benchmark_parser(__doc__, batch=32, size=128, reps=7).parse_args(argv)
+    set_up(args.threads)
     print(f'batch {args.batch}, {args.size} px, float32, {args.threads} threads, median of {args.reps}; '
           f'the GEMM path is taken for <= {SMALL_INPUT_CHANNELS} input channels')
     print(f'{"layer":34s}{"fwd ms":>9s}{"oneDNN/fwd":>12s}{"GEMM/fwd":>10s}{"GEMM/oneDNN":>13s}')

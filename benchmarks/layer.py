@@ -8,7 +8,6 @@ and no bias (the convolution a MaxOut-2 B-cos layer wraps), (b) ``bcos.modules.B
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import warnings
 
@@ -17,7 +16,7 @@ from torch import nn
 
 from timm_bcos import BcosConv2d
 
-from _timing import interleaved_medians  # benchmarks/_timing.py
+from _timing import benchmark_parser, interleaved_medians, set_up  # benchmarks/_timing.py
 
 SHAPES = [  # (N, Cin, Cout, HW, k)
     (32, 64, 64, 32, 3),
@@ -46,15 +45,11 @@ def _runners(layer: nn.Module, x: torch.Tensor):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--reps', type=int, default=7)
+    parser = benchmark_parser(__doc__, reps=7)
     parser.add_argument('--max-out', type=int, default=2)
     parser.add_argument('--b', type=float, default=2.0)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # untrained B-cos nets produce denormals
-    torch.manual_seed(0)
+    set_up(args.threads)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')

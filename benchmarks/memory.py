@@ -22,7 +22,7 @@ from typing import Dict
 
 import torch
 
-from _timing import VARIANTS, build_variant, variant_input  # benchmarks/_timing.py
+from _timing import VARIANTS, benchmark_parser, build_variant, set_up, variant_input  # benchmarks/_timing.py
 
 
 def _rss_kib(field: str) -> int:
@@ -61,15 +61,10 @@ def measure(name: str, variant: str, batch: int, size: int) -> Dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--models', nargs='+', default=['resnet50'])
-    parser.add_argument('--batch', type=int, default=8)
-    parser.add_argument('--size', type=int, default=128)
-    parser.add_argument('--threads', type=int, default=2)
+    parser = benchmark_parser(__doc__, models=['resnet50'], batch=8, size=128)
     parser.add_argument('--one', nargs=2, metavar=('MODEL', 'VARIANT'), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    set_up(args.threads)
     if args.one:
         print(json.dumps(measure(*args.one, args.batch, args.size)))
         return

@@ -16,27 +16,20 @@ and input in channels-last memory format (timm's ``--channels-last``).
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from _timing import VARIANTS, build_variant, conv_split, interleaved_medians, variant_input  # benchmarks/_timing.py
+from _timing import (VARIANTS, benchmark_parser, build_variant, conv_split,  # benchmarks/_timing.py
+                     interleaved_medians, set_up, variant_input)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--models', nargs='+', default=['resnet50', 'densenet121'])
-    parser.add_argument('--batch', type=int, default=8)
-    parser.add_argument('--size', type=int, default=128)
-    parser.add_argument('--reps', type=int, default=7)
-    parser.add_argument('--threads', type=int, default=2)
+    parser = benchmark_parser(__doc__, models=['resnet50', 'densenet121'], batch=8, size=128, reps=7)
     parser.add_argument('--compile', action='store_true', help='torch.compile(fullgraph=True) every model')
     parser.add_argument('--profile', action='store_true', help='split fwd+bwd into convolutions and the rest')
     parser.add_argument('--channels-last', action='store_true', help='models and inputs in channels-last format')
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    torch.manual_seed(0)
+    set_up(args.threads)
     print(f'batch {args.batch}, {args.size} px, {args.threads} threads, median of {args.reps}'
           f'{", torch.compile(fullgraph=True)" if args.compile else ", eager"}'
           f'{", channels-last" if args.channels_last else ""}')
