@@ -20,6 +20,17 @@ def _glibc_malloc_defaults(monkeypatch):
     monkeypatch.setattr('timm_bcos.cpu_memory.keep_freed_cpu_memory', lambda: False)
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    """One intra-op thread for a module of small models at small inputs (``pytestmark =
+    pytest.mark.usefixtures('one_thread')``): on a shared 2-core machine two threads spin against
+    each other, and small ops got up to ~100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def hub_offline(monkeypatch):
     """huggingface_hub's offline mode for one test: the variable, and the flag huggingface_hub read from it

@@ -14,12 +14,7 @@ from timm_bcos.layers import BatchNormUncentered2d, InputShift
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _trained_like(model: nn.Module, size: int) -> nn.Module:

@@ -23,13 +23,7 @@ from timm_bcos.evaluation.coverage import dynamic_gates
 from timm_bcos.layers import BcosCondConv2d
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Small models at small inputs: one thread is faster than two, and not slowed down by a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _x(n=2, size=8):

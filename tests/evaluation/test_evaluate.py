@@ -16,12 +16,7 @@ from timm_bcos.evaluation import (METHODS, POST_HOC, ablation_model_kwargs, attr
 from timm_bcos.explain import explain
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # --- grids -------------------------------------------------------------------------------------

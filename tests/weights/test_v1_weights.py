@@ -23,14 +23,7 @@ from timm_bcos.weights.v1 import (V1_MODELS, V1StateDictError, create_v1_model, 
 M = 2  # MaxOut units per output in every v1 checkpoint
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """Small batch-1 forwards: on a shared 2-core machine two intra-op threads spin against each
-    other and every op gets ~100x slower; one thread keeps this module fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 # --- v1's keys and shapes, read off its model code ---------------------------------------------
 
