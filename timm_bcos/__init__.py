@@ -3,7 +3,7 @@
 ``import timm_bcos`` registers the ``bcos_*`` and ``bcosv2_*`` models with timm. The data flow of the
 package: layers -> convert -> models / weights -> explain -> training / evaluation / hub -> cli.
 """
-from . import models  # registers the bcos_* / bcosv2_* names with timm
+from . import models as models  # registers the bcos_* / bcosv2_* names with timm
 from ._utils import OutputFolderError
 from .convert import UnsupportedModuleError, bcosify, calibrate_scales, convert_to_bcos, unconverted_modules
 from .cpu_memory import keep_freed_cpu_memory

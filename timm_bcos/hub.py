@@ -13,13 +13,16 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Union
 
 from torch import nn
 
 from ._utils import ASSETS, OWNER_FILE, OutputFolder, OutputFolderError, remove_owned_folder
 from .data import example_images
 from .models.export import save_pretrained
+
+if TYPE_CHECKING:  # huggingface_hub is imported where it is used
+    from huggingface_hub import ModelCard
 
 __all__ = ['HubPublishError', 'card_metrics', 'check_repo_id', 'publish', 'pull', 'render_model_card']
 

@@ -132,10 +132,11 @@ def run_evaluation(model: Union[str, nn.Module], baseline: Union[str, nn.Module,
                    device: Union[str, torch.device, None] = None, progress: bool = True) -> Dict[str, Any]:
     """Pointing game of a B-cos model (and optionally a conventional baseline) on one data source.
 
-    Writes to `out` (new, empty or an earlier evaluate output: `OutputFolder`): ``results.json`` (settings, per model and method: mean, median, quartiles,
-    min, max, counts, seconds per grid; per B-cos model the largest relative Eq. 13 error,
-    ``eq13_error``), ``results.md`` (the table), ``scores.npz`` (every score,
-    ``<model>/<method>`` arrays of shape (grids, grid**2)), ``boxplot.png`` (Fig. 5/6 style),
+    Writes to `out` (new, empty or an earlier evaluate output: `OutputFolder`): ``results.json``
+    (settings, per model and method: mean, median, quartiles, min, max, counts, seconds per grid;
+    per B-cos model the largest relative Eq. 13 error, ``eq13_error``), ``results.md`` (the table),
+    ``scores.npz`` (every score, ``<model>/<method>`` arrays of shape (grids, grid**2)),
+    ``boxplot.png`` (Fig. 5/6 style),
     ``examples_<model>.png`` (grid + every method's map for one tile class, Fig. 3/7 style) and
     ``examples_bcos_tiles.png`` (B-cos explanations of every tile's class, Fig. 3).
 

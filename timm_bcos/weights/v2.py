@@ -143,19 +143,25 @@ def _module_index_order(keys: Iterable[str], prefix: str) -> List[int]:
     return sorted({int(m.group(1)) for k in keys for m in [pattern.match(k)] if m})
 
 
+def _weight_shape(keys_shapes: Dict[str, Tuple[int, ...]], module: str) -> Optional[Tuple[int, ...]]:
+    """The weight shape of `module` in our state dict (``<module>{LINEAR_SUFFIX}``) or v2's
+    (``<module>.weight``); None if it has none."""
+    return next((keys_shapes[k] for k in (f'{module}{LINEAR_SUFFIX}', f'{module}.weight') if k in keys_shapes), None)
+
+
 def _signature(keys_shapes: Dict[str, Tuple[int, ...]], family: str) -> Optional[Tuple]:
     """The architecture signature of a v2 or our state dict (see `V2_ARCHS['...']['blocks']`)."""
     keys = set(keys_shapes)
     if family == 'resnet':
         stages = tuple(len(_module_index_order(keys, f'layer{s}.')) for s in range(1, 5))
-        conv2 = next((keys_shapes[k] for k in (f'layer1.0.conv2{LINEAR_SUFFIX}', 'layer1.0.conv2.weight') if k in keys), None)
+        conv2 = _weight_shape(keys_shapes, 'layer1.0.conv2')
         if conv2 is None or not all(stages):
             return None
         bottleneck = any(k.startswith('layer1.0.conv3.') for k in keys)
         return (stages, tuple(conv2[:2])) + (('bottleneck',) if bottleneck else ())
     if family == 'densenet':
         blocks = tuple(len(_module_index_order(keys, f'features.denseblock{b}.denselayer')) for b in range(1, 5))
-        conv0 = next((keys_shapes[k] for k in (f'features.conv0{LINEAR_SUFFIX}', 'features.conv0.weight') if k in keys), None)
+        conv0 = _weight_shape(keys_shapes, 'features.conv0')
         return (blocks, conv0[0]) if conv0 is not None and all(blocks) else None
     if family == 'vgg':
         convs = [k for k in keys if re.match(r'^features\.\d+\.(linear\.)?weight$', k) and len(keys_shapes[k]) == 4]
