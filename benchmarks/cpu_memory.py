@@ -1,10 +1,11 @@
-"""`keep_freed_cpu_memory` against glibc's defaults: a no-grad forward and `explain` (1 and 5 targets) of one model.
+"""`keep_freed_cpu_memory` against glibc's defaults: a no-grad forward and `explain` (1 and 5 targets).
 
 The setting is process-wide and cannot be undone, so each side runs in its own process, in
-alternating pairs (a shared machine's slow spells then hit both alike); each process prints the
-median time, the minor page faults per call and its peak RSS. Prints both sides, explain / forward
-and top-5 / top-1 for each process, and the ratio kept / default of the mean over the pairs. ``--compile``: the
-same for ``torch.compile(model, fullgraph=True)`` (compile time excluded).
+alternating pairs (a shared machine's slow spells then hit both alike); each process times the
+three calls round-robin and prints their median times, minor page faults per call and its peak
+RSS. Prints both sides, explain / forward and top-5 / top-1 for each process, and the ratio kept /
+default of the mean over the pairs. ``--compile``: the same for ``torch.compile(model,
+fullgraph=True)`` (compile time excluded).
 
     python benchmarks/cpu_memory.py [--model bcos_resnet18] [--size 128] [--batch 32] [--pairs 2] [--reps 5] [--compile]
 """

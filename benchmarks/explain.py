@@ -8,8 +8,8 @@ their users run it (parameters trainable, so our fused layers also compute weigh
 once with the parameters frozen, as `explain` does. ``--reference-own`` also times their explain()
 on their own resnet18 (``bcos.models.pretrained.resnet18``, the v2 design: MaxOut 1, uncentered BN).
 
-``--profile``: where explain(k=5)'s time goes (torch.profiler): convolutions forward and backward
-against everything else, and the k=5 / k=1 ratio the convolutions alone would give.
+``--profile``: where explain(k=1)'s and explain(k=5)'s time goes (torch.profiler): convolutions
+forward and backward against everything else, k=5 / k=1 for each, and what a target past the first costs.
 
     python benchmarks/explain.py [--model bcos_resnet18] [--size 128] [--batch 32] [--reps 5] [--compile] [--profile]
 """

@@ -231,7 +231,7 @@ def _assemble(weights: Tensor, x: Tensor, logits: Tensor, targets: Tensor, bias:
 def _contributions(weights: Tensor, x: Tensor) -> Tensor:
     """``sum_c W(x) * x`` (Eq. 15, summed over the colour channels), (N, T, ...), one target at a
     time: the (N, T, C, ...) product is never made. For the top 5 of 32 images at 128 px that
-    product was a fresh 63 MB, 42 ms to fault in and sum, against 7 ms (benchmarks/explain.py)."""
+    product was a fresh 63 MB, 42 ms to fault in and sum, against 7 ms (timed alone)."""
     out = weights.new_empty(weights.shape[:2] + weights.shape[3:])
     for j in range(weights.shape[1]):
         torch.linalg.vecdot(weights[:, j], x, dim=1, out=out[:, j])

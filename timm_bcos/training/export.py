@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from .._utils import package_version, write_json
-from ..version import __version__
 from ..data import BUILTIN_CLASSES
 from ..models.export import save_pretrained
+from ..version import __version__
 from .checkpoint import RESULTS_FILE
 from .config import ModelInput, TrainConfig
 
