@@ -36,6 +36,7 @@ __all__ = ['bcos_apply']
 # An explanation-mode layer on CPU whose linear output is larger runs over the batch in chunks (`_chunk_rows`).
 CHUNK_BYTES = 16 * 2 ** 20
 
+
 def _dynamic_scale(sel: Tensor, norm: Optional[Tensor], b: float, scale: float, factor: float = 1.0,
                    out: Optional[Tensor] = None):
     """``factor * |c|^(B-1) / scale`` for the selected units (Eq. 9, 11), in `out` or a new tensor.
@@ -157,6 +158,7 @@ def _chunk_rows(geometry, x: Tensor, weight: Tensor, max_out: int, b: float, det
 
 
 def _rows(t: Optional[Tensor], start: int, rows: int) -> Optional[Tensor]:
+    """Rows ``start:start + rows`` of an optional per-image tensor (the winners: None for MaxOut 1)."""
     return None if t is None else t[start:start + rows]
 
 
